@@ -1,0 +1,39 @@
+"""The contract every backbone (= deployable teacher) fulfils."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """Describes one of the backbone's four stage outputs (like timm's feature_info)."""
+
+    channels: int
+    reduction: int  # spatial stride relative to the input image
+
+
+class Backbone(nn.Module):
+    """A 4-stage CNN classifier that knows nothing about students.
+
+    Subclasses set ``stage_info`` (4 entries, shallow to deep) and ``num_features``
+    (the size of the pooled feature fed to the head), and implement
+    ``forward_stages`` and ``forward_head``. ``forward`` returns logits only, so
+    the module (and its state dict) is exactly what gets deployed.
+    """
+
+    stage_info: tuple[StageInfo, ...]
+    num_features: int
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def forward_head(self, t4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(logits, pooled_feature)``; the feature has shape (B, num_features)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_stages(x)[-1])[0]
