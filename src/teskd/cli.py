@@ -1,0 +1,137 @@
+"""Command line: ``teskd train | eval | info | report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from teskd.errors import TeskdError
+
+
+def _cmd_train(args) -> int:
+    from teskd.config import from_dict, load_config, parse_override, apply_override, _read_yaml
+    from teskd.engine.trainer import Trainer
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.config is not None and "=" in args.config:  # `teskd train --resume RUN k=v`
+            args.overrides.insert(0, args.config)
+            args.config = None
+        if args.config is not None:
+            raise TeskdError("with --resume the config comes from RUN_DIR/config.yaml; pass only key=value overrides")
+        if not (run_dir / "checkpoints" / "last.pt").is_file():
+            raise TeskdError(f"cannot resume: {run_dir / 'checkpoints' / 'last.pt'} does not exist")
+        data = _read_yaml(run_dir / "config.yaml")
+        for text in args.overrides:
+            apply_override(data, *parse_override(text))
+        cfg = from_dict(data)
+    else:
+        if args.config is None:
+            raise TeskdError("teskd train needs a CONFIG file (or --resume RUN_DIR)")
+        cfg = load_config(args.config, args.overrides)
+        stem = Path(args.config).stem
+        run_dir = Path(args.out) if args.out else Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not args.overwrite:
+                raise TeskdError(f"run directory {run_dir} already exists and is not empty; "
+                                 f"use --resume {run_dir} to continue it or --overwrite to replace it")
+            shutil.rmtree(run_dir)
+    print(f"run directory: {run_dir}", flush=True)
+    summary = Trainer(cfg, run_dir, resume=bool(args.resume)).run()
+    print(f"done: teacher top-1 last {summary['teacher_top1_last']:.2f}%, "
+          f"best {summary['teacher_top1_best']:.2f}% (epoch {summary['best_epoch']}, "
+          f"selected on {summary['selected_on']}); deployable weights: {run_dir / 'teacher.safetensors'}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from teskd.evaluation import evaluate_checkpoint
+
+    result = evaluate_checkpoint(Path(args.target), args.overrides, which=args.checkpoint,
+                                 split=args.split)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['checkpoint']} (epoch {result['epoch']}) on {result['split']} "
+              f"({result['images']} images)")
+        print(f"{'branch':<20} {'top-1':>7} {'top-5':>7}")
+        for name, acc in result["accuracy"].items():
+            print(f"{name:<20} {acc['top1']:7.2f} {acc['top5']:7.2f}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from teskd.config import load_config
+    from teskd.evaluation import model_info
+
+    info = model_info(load_config(args.config, args.overrides))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:<16} {value:,}" if isinstance(value, int) else f"{key:<16} {value}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from teskd.report import summary_table
+
+    print(summary_table([Path(p) for p in args.runs]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="teskd", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (TESKD or a baseline)")
+    p.add_argument("config", nargs="?", help="YAML config, e.g. configs/cifar100/resnet18_teskd.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=10")
+    p.add_argument("--out", help="run directory (default runs/<config>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="per-branch top-1/top-5 of a run or checkpoint")
+    p.add_argument("target", help="run directory or checkpoint .pt file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.root=...)")
+    p.add_argument("--checkpoint", choices=["last", "best"], default="last",
+                   help="which checkpoint of a run directory (default last)")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("info", help="parameters and multiply-adds for training and deployment")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("report", help="compare finished runs in a table")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TeskdError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""The training loop: method-agnostic, resumable, writes a self-describing run directory.
+
+Run directory layout::
+
+    config.yaml            fully resolved config
+    metrics.jsonl          one JSON object per epoch
+    checkpoints/last.pt    written (atomically) after every epoch
+    checkpoints/best.pt    the epoch with the best teacher top-1 on val (or test without val)
+    teacher.safetensors    the deployable backbone only (written at the end)
+    summary.json           headline numbers (written at the end)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from teskd import __version__
+from teskd.config import Config, save_config, to_dict
+from teskd.data.pipeline import build_data
+from teskd.engine import runtime
+from teskd.engine.checkpoint import load_checkpoint, save_checkpoint
+from teskd.engine.evaluate import evaluate
+from teskd.engine.metrics import MetricsLog, topk_correct
+from teskd.engine.schedule import lr_factor
+from teskd.errors import TeskdError
+from teskd.methods import build_method
+from teskd.models import build_backbone, count_params
+
+
+def build_model(cfg: Config, num_classes: int):
+    backbone = build_backbone(cfg.model.arch, num_classes, cfg.model.width_mult)
+    return build_method(cfg.method.name, backbone, num_classes, cfg.method)
+
+
+def export_teacher(method, path: Path, cfg: Config, num_classes: int) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in method.deploy_module.state_dict().items()}
+    meta = {"arch": cfg.model.arch, "num_classes": str(num_classes), "width_mult": str(cfg.model.width_mult),
+            "dataset": cfg.data.dataset, "teskd_version": __version__}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        tc = cfg.train
+        self.device = runtime.resolve_device(tc.device)
+        self.amp_dtype = runtime.resolve_amp(tc.amp, self.device)
+        runtime.configure(tc, self.device)
+        runtime.seed_everything(tc.seed)
+
+        self.data = build_data(cfg.data, self.device, tc.seed)
+        self.method = build_model(cfg, self.data.num_classes).to(self.device)
+        if tc.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        o = cfg.optim
+        self.optimizer = torch.optim.SGD(self.method.parameters(), lr=o.lr, momentum=o.momentum,
+                                         nesterov=o.nesterov, weight_decay=o.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.start_epoch = 0  # number of epochs already completed
+        self.best = {"epoch": 0, "score": -1.0}
+        self.train_seconds = 0.0
+        self.train_images = 0
+
+    # --- state -----------------------------------------------------------------------------
+
+    def state_dict(self, epoch: int) -> dict:
+        return {
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "best": dict(self.best),
+            "train_seconds": self.train_seconds,
+            "train_images": self.train_images,
+            "rng": _rng_state(),
+            "config": to_dict(self.cfg),
+            "num_classes": self.data.num_classes,
+            "teskd_version": __version__,
+        }
+
+    def load_state(self, state: dict) -> None:
+        try:
+            self.method.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise TeskdError(f"checkpoint does not match the configured model "
+                             f"({str(exc).splitlines()[0][:160]})") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"])
+        self.best = dict(state["best"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.train_images = int(state.get("train_images", 0))
+        _set_rng_state(state["rng"])
+
+    # --- loop ------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume:
+            self.load_state(load_checkpoint(self.ckpt_dir / "last.pt"))
+            self.metrics.truncate_after(self.start_epoch)
+        else:
+            self.metrics.path.write_text("")
+        save_config(self.cfg, self.run_dir / "config.yaml")
+
+        epochs = self.cfg.train.epochs
+        if self.start_epoch >= epochs:
+            print(f"run already finished {self.start_epoch}/{epochs} epochs; writing artifacts")
+        for epoch in range(self.start_epoch, epochs):
+            record = self.train_one_epoch(epoch)
+            record.update(self.evaluate_epoch())
+            selected = record["val_acc" if self.data.val is not None else "test_acc"]["teacher"]
+            improved = selected > self.best["score"]
+            if improved:
+                self.best = {"epoch": epoch + 1, "score": selected, "test_top1": record["test_acc"]["teacher"]}
+            self.metrics.append(record)
+            state = self.state_dict(epoch + 1)
+            save_checkpoint(state, self.ckpt_dir / "last.pt")
+            if improved:
+                save_checkpoint(state, self.ckpt_dir / "best.pt")
+            self._print_epoch(record)
+        return self.finish()
+
+    def _step_lr(self, epoch: int, step: int, steps: int) -> float:
+        lr = self.cfg.optim.lr * lr_factor(self.cfg.schedule, self.cfg.train.epochs, epoch, step, steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_one_epoch(self, epoch: int) -> dict:
+        from tqdm import tqdm
+
+        method, loader, tc = self.method, self.data.train, self.cfg.train
+        method.train()
+        loader.set_epoch(epoch)
+        steps = len(loader)
+        check_every = 1 if self.device.type == "cpu" else 25  # GPU: avoid a host sync per step
+        sums: dict[str, torch.Tensor] = {}
+        correct: dict[str, torch.Tensor] = {}
+        pending: list[tuple[int, torch.Tensor, dict]] = []
+        seen = 0
+        t0 = time.perf_counter()
+        bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not tc.progress,
+                   dynamic_ncols=True, leave=False)
+        for step, (images, labels) in enumerate(bar):
+            lr = self._step_lr(epoch, step, steps)
+            if tc.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with runtime.autocast(self.device, self.amp_dtype):
+                out = method.forward_train(images, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(out.loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+            n = labels.shape[0]
+            seen += n
+            loss = out.loss.detach().float()
+            pending.append((step, loss, out.parts))
+            for name, value in {"loss": loss, **out.parts}.items():
+                sums[name] = sums.get(name, 0) + value.float() * n
+            with torch.no_grad():
+                for name, logits in out.logits.items():
+                    correct[name] = correct.get(name, 0) + (logits.argmax(1) == labels).sum()
+            if (step + 1) % check_every == 0 or step + 1 == steps:
+                self._check_finite(pending, epoch)
+                pending = []
+                if tc.progress:
+                    elapsed = time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{float(sums['loss']) / seen:.3f}", lr=f"{lr:.4g}",
+                                    img_s=f"{seen / elapsed:.0f}", refresh=False)
+        bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        self.train_seconds += seconds
+        self.train_images += seen
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(sums["loss"]) / seen}
+        for name, value in sums.items():
+            if name != "loss":
+                record[f"loss_{name}"] = float(value) / seen
+        record["train_acc"] = {name: 100.0 * int(c) / seen for name, c in correct.items()}
+        record["epoch_seconds"] = seconds
+        record["train_images_per_sec"] = seen / seconds
+        return record
+
+    def _check_finite(self, pending, epoch: int) -> None:
+        losses = torch.stack([loss for _, loss, _ in pending])
+        if bool(torch.isfinite(losses).all()):
+            return
+        i = int((~torch.isfinite(losses)).nonzero()[0])
+        step, loss, parts = pending[i]
+        desc = " ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+        raise TeskdError(f"non-finite loss at epoch {epoch + 1}, batch index {step} "
+                         f"(global step {epoch * len(self.data.train) + step}): loss={float(loss)} {desc}; "
+                         f"stopped, the last good checkpoint is {self.ckpt_dir / 'last.pt'}")
+
+    def evaluate_epoch(self) -> dict:
+        kw = dict(device=self.device, amp_dtype=self.amp_dtype, channels_last=self.cfg.train.channels_last,
+                  progress=self.cfg.train.progress)
+        result = {}
+        if self.data.val is not None:
+            result["val_acc"] = {k: v["top1"] for k, v in evaluate(self.method, self.data.val, desc="val", **kw).items()}
+        test = evaluate(self.method, self.data.test, desc="test", **kw)
+        result["test_acc"] = {k: v["top1"] for k, v in test.items()}
+        result["test_top5"] = {k: v["top5"] for k, v in test.items()}
+        return result
+
+    def _print_epoch(self, r: dict) -> None:
+        accs = " ".join(f"{k}={v:.2f}" for k, v in r["test_acc"].items())
+        val = f" val_teacher={r['val_acc']['teacher']:.2f}" if "val_acc" in r else ""
+        print(f"epoch {r['epoch']}/{self.cfg.train.epochs} loss={r['train_loss']:.4f} lr={r['lr']:.4g} "
+              f"{r['train_images_per_sec']:.0f} img/s | test top-1 {accs}{val}", flush=True)
+
+    # --- end of run ------------------------------------------------------------------------
+
+    def finish(self) -> dict:
+        records = self.metrics.read()
+        if not records:
+            raise TeskdError(f"no finished epoch in {self.run_dir}; nothing to summarise")
+        export_teacher(self.method, self.run_dir / "teacher.safetensors", self.cfg, self.data.num_classes)
+        last = records[-1]
+        best_epoch = self.best["epoch"]
+        best = next(r for r in records if r["epoch"] == best_epoch)
+        summary = {
+            "method": self.cfg.method.name,
+            "arch": self.cfg.model.arch,
+            "dataset": self.cfg.data.dataset,
+            "epochs": last["epoch"],
+            "teacher_top1_last": last["test_acc"]["teacher"],
+            "teacher_top5_last": last["test_top5"]["teacher"],
+            "teacher_top1_best": best["test_acc"]["teacher"],
+            "best_epoch": best_epoch,
+            "selected_on": "val" if self.data.val is not None else "test",
+            # the paper's protocol: the maximum test accuracy over epochs (optimistic; for comparison only)
+            "teacher_top1_max_test": max(r["test_acc"]["teacher"] for r in records),
+            "test_acc_last": last["test_acc"],
+            "params_train": count_params(self.method),
+            "params_deploy": count_params(self.method.deploy_module),
+            "train_images_per_sec": self.train_images / self.train_seconds if self.train_seconds else math.nan,
+            "train_hours": self.train_seconds / 3600,
+            "device": str(self.device),
+            "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
+            "torch": torch.__version__,
+        }
+        if self.data.val is not None:
+            summary["teacher_val_top1_best"] = best["val_acc"]["teacher"]
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary

@@ -1,0 +1,71 @@
+"""Command-line behaviour: clean one-line errors, info numbers, refusing to overwrite runs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from teskd.cli import main
+
+from conftest import REPO
+
+CONFIG = str(REPO / "configs" / "cifar100" / "resnet18_teskd.yaml")
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_info_exact_parameter_counts(capsys):
+    code, out, _ = run_cli(capsys, "info", CONFIG, "--json")
+    info = json.loads(out)
+    assert code == 0
+    assert info["params_train"] == 37_050_832 and info["params_deploy"] == 11_220_132
+    assert info["macs_deploy"] == pytest.approx(0.555e9, rel=0.01)
+    assert info["macs_train"] == pytest.approx(0.555e9 + 1.49e9, rel=0.01)
+    code, out, _ = run_cli(capsys, "info", str(REPO / "configs/cifar100/resnet18_ce.yaml"), "--json")
+    info = json.loads(out)
+    assert info["params_train"] == info["params_deploy"] == 11_220_132
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", CONFIG, "train.epochz=1"], "error: unknown config key train.epochz"),
+    (["train", CONFIG, "train.epochs=x"], "error: config key 'train.epochs': expected int, got 'x'"),
+    (["train", "nope.yaml"], "error: config file not found: nope.yaml"),
+    (["train", CONFIG, "data.root=/nonexistent/cifar", "train.progress=false"], "/nonexistent/cifar"),
+    (["eval", "/nonexistent/run"], "error: no such run directory or checkpoint: /nonexistent/run"),
+    (["train", "--resume", "/nonexistent/run"], "error: cannot resume"),
+    (["info", CONFIG, "model.arch=resnet1000"], "resnet1000"),
+])
+def test_errors_are_one_line_and_nonzero(capsys, tmp_path, argv, message):
+    argv = [a if a != "nope.yaml" else "nope.yaml" for a in argv]
+    code, _, err = run_cli(capsys, *argv, *(["--out", str(tmp_path / "r")] if argv[0] == "train" and "--resume" not in argv else []))
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_corrupt_checkpoint_is_named(capsys, tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code, _, err = run_cli(capsys, "eval", str(bad))
+    assert code == 2 and f"checkpoint {bad} is corrupt" in err
+
+
+def test_existing_run_directory_is_not_overwritten(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("precious\n")
+    code, _, err = run_cli(capsys, "train", CONFIG, "--out", str(run))
+    assert code == 2 and "already exists" in err and "--resume" in err
+    assert (run / "metrics.jsonl").read_text() == "precious\n"
+
+
+def test_console_entry_point_runs_as_a_process():
+    proc = subprocess.run([sys.executable, "-m", "teskd.cli", "train", CONFIG, "optim.lr=-1"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: optim.lr must be > 0, got -1.0"
