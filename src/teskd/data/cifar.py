@@ -1,0 +1,357 @@
+"""CIFAR-10 / CIFAR-100 loading (official python pickles or an ``.npz`` layout), download,
+and per-class subset / validation splits."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from teskd.data.arrays import ImageArrays
+from teskd.errors import TeskdError
+
+# Official archives; module-level so tests can point them at a local file:// archive.
+URLS: dict[str, str] = {
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+}
+MD5S: dict[str, str] = {
+    "cifar100": "eb9058c3a382ffc7106e4002c42a8d85",
+    "cifar10": "c58f30108f718f92721af3b95e74349a",
+}
+
+
+@dataclass(frozen=True)
+class _Format:
+    num_classes: int
+    folder: str  # the folder the official archive extracts to
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    label_key: bytes
+    names_key: bytes
+    listing: str  # the folder's files, for messages
+
+
+_FORMATS = {
+    "cifar100": _Format(100, "cifar-100-python", ("train",), ("test",), "meta", b"fine_labels", b"fine_label_names",
+                         "{train,test,meta}"),
+    "cifar10": _Format(10, "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
+                       "batches.meta", b"labels", b"label_names", "{data_batch_1..5,test_batch,batches.meta}"),
+}
+
+# Errors that mean "this file is damaged or is not what it claims to be".
+_READ_ERRORS = (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, ValueError, KeyError, OSError,
+                TypeError, AttributeError, IndexError, zlib.error)
+
+_IMAGE_SIZE = 32
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _format(name: str) -> _Format:
+    if name not in _FORMATS:
+        raise TeskdError(f"unknown CIFAR variant {name!r}; expected one of {', '.join(sorted(_FORMATS))}")
+    return _FORMATS[name]
+
+
+# --- layout detection -----------------------------------------------------------------------
+
+
+def _pickle_dir(fmt: _Format, root: Path) -> Path | None:
+    """The folder holding the official pickles: ``root/<folder>`` or ``root`` itself."""
+    for folder in (root / fmt.folder, root):
+        names = (fmt.meta_file, *fmt.train_files, *fmt.test_files)
+        if folder.is_dir() and any((folder / n).is_file() for n in names):
+            return folder
+    return None
+
+
+def _has_npz(root: Path) -> bool:
+    return (root / "train.npz").is_file() or (root / "test.npz").is_file()
+
+
+def _expected_layouts(fmt: _Format, root: Path) -> str:
+    return (f"either {root / 'train.npz'} and {root / 'test.npz'} (keys x, y, classes), "
+            f"or the official python version {root / fmt.folder}/{fmt.listing}")
+
+
+# --- readers ---------------------------------------------------------------------------------
+
+
+def _read_npz(path: Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    if not path.is_file():
+        other = "test.npz" if train else "train.npz"
+        raise TeskdError(f"missing file {path} (found {path.parent / other} but the "
+                         f"{'training' if train else 'test'} split is needed too)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("x", "y") if k not in z.files]
+            if missing:
+                raise TeskdError(f"{path} has no array {' or '.join(map(repr, missing))} "
+                                 f"(expected keys x: uint8 (N, 32, 32, 3), y: int64 (N,), classes)")
+            x = z["x"]
+            y = z["y"]
+            classes = [str(c) for c in z["classes"].tolist()] if "classes" in z.files else None
+    except TeskdError:
+        raise
+    except _READ_ERRORS as err:
+        raise TeskdError(f"cannot read {path}: the file is corrupt or truncated ({_one_line(err)})") from err
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (_IMAGE_SIZE, _IMAGE_SIZE, 3):
+        raise TeskdError(f"{path}: array x must be uint8 of shape (N, 32, 32, 3) (HWC), "
+                         f"got {x.dtype} {tuple(x.shape)}")
+    return x.transpose(0, 3, 1, 2), y, classes
+
+
+def _load_pickle(path: Path) -> dict:
+    if not path.is_file():
+        raise TeskdError(f"missing file {path} (the official CIFAR python folder {path.parent} is incomplete)")
+    try:
+        # Pickle can run code: it is used only for the trusted official CIFAR files,
+        # the format the dataset is distributed in.
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="bytes")
+    except _READ_ERRORS as err:
+        raise TeskdError(f"cannot read {path}: the file is corrupt or truncated ({_one_line(err)})") from err
+    if not isinstance(obj, dict):
+        raise TeskdError(f"{path} is not an official CIFAR pickle (expected a dict, got {type(obj).__name__})")
+    return obj
+
+
+def _entry(obj: dict, key: bytes, path: Path):
+    for k in (key, key.decode()):
+        if k in obj:
+            return obj[k]
+    raise TeskdError(f"{path} has no entry {key.decode()!r}; it is not an official CIFAR pickle of this variant")
+
+
+def _read_pickles(fmt: _Format, folder: Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    images, labels = [], []
+    for name in fmt.train_files if train else fmt.test_files:
+        path = folder / name
+        obj = _load_pickle(path)
+        data = np.asarray(_entry(obj, b"data", path))
+        lab = np.asarray(_entry(obj, fmt.label_key, path))
+        if data.ndim != 2 or data.shape[1] != 3 * _IMAGE_SIZE * _IMAGE_SIZE:
+            raise TeskdError(f"{path}: 'data' must have shape (N, 3072), got {tuple(data.shape)}")
+        if data.dtype != np.uint8:
+            if not np.issubdtype(data.dtype, np.integer) or (data.size and (data.min() < 0 or data.max() > 255)):
+                raise TeskdError(f"{path}: 'data' must hold uint8 pixel values, got {data.dtype}")
+            data = data.astype(np.uint8)
+        if lab.ndim != 1 or lab.shape[0] != data.shape[0] or (lab.size and not np.issubdtype(lab.dtype, np.integer)):
+            raise TeskdError(f"{path}: {fmt.label_key.decode()!r} must be {data.shape[0]} integer labels, "
+                             f"got {lab.dtype} {tuple(lab.shape)}")
+        # Each row is the red plane, then green, then blue, each 32x32 row-major: CHW order.
+        images.append(data.reshape(-1, 3, _IMAGE_SIZE, _IMAGE_SIZE))
+        labels.append(lab.astype(np.int64))
+    meta_path = folder / fmt.meta_file
+    names = _entry(_load_pickle(meta_path), fmt.names_key, meta_path)
+    try:
+        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    except (TypeError, UnicodeDecodeError) as err:
+        raise TeskdError(f"{meta_path}: cannot read the class names ({_one_line(err)})") from err
+    x = images[0] if len(images) == 1 else np.concatenate(images)
+    y = labels[0] if len(labels) == 1 else np.concatenate(labels)
+    return x, y, classes
+
+
+# --- download --------------------------------------------------------------------------------
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch(url: str, md5: str, dest: Path) -> None:
+    """Downloads ``url`` to ``dest`` through a temporary file, verifying its md5."""
+    from tqdm import tqdm
+
+    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    h = hashlib.md5()
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+            size = resp.headers.get("Content-Length")
+            total = int(size) if size and size.isdigit() else None
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"downloading {dest.name}",
+                      disable=total is None, leave=False) as bar:
+                for chunk in iter(lambda: resp.read(1 << 20), b""):
+                    out.write(chunk)
+                    h.update(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        tmp.unlink(missing_ok=True)
+        raise TeskdError(f"could not download {url} ({_one_line(err)}); download it by hand and extract it "
+                         f"into {dest.parent}") from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    got = h.hexdigest()
+    if got != md5:
+        tmp.unlink(missing_ok=True)
+        raise TeskdError(f"checksum mismatch for {url}: expected md5 {md5}, got {got}; the bad download was "
+                         f"deleted, try again or download it by hand and extract it into {dest.parent}")
+    os.replace(tmp, dest)
+
+
+def _safe_extract(archive: Path, dest: Path) -> None:
+    """Extracts regular files and folders only, refusing absolute paths and ``..``."""
+    dest_resolved = dest.resolve()
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            for m in members:
+                parts = PurePosixPath(m.name).parts
+                if m.name.startswith(("/", "\\")) or os.path.isabs(m.name) or ".." in parts or ":" in m.name:
+                    raise TeskdError(f"refusing to extract {archive}: member {m.name!r} has an unsafe path")
+                if not (m.isfile() or m.isdir()):
+                    raise TeskdError(f"refusing to extract {archive}: member {m.name!r} is not a regular file "
+                                     f"or folder")
+                target = (dest / m.name).resolve()
+                if target != dest_resolved and dest_resolved not in target.parents:
+                    raise TeskdError(f"refusing to extract {archive}: member {m.name!r} leaves {dest}")
+            for m in members:
+                target = dest / m.name
+                if m.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(m)
+                with src, open(target, "wb") as out:
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        out.write(chunk)
+    except TeskdError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        raise TeskdError(f"cannot extract {archive}: the archive is corrupt or truncated ({_one_line(err)}); "
+                         f"delete it and download again") from err
+
+
+def download_cifar(name: str, root: str | os.PathLike) -> Path:
+    """Downloads (if needed) and extracts the official archive of ``name`` into ``root``."""
+    _format(name)
+    root = Path(root)
+    url, md5 = URLS[name], MD5S[name]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TeskdError(f"cannot create the data folder {root} ({_one_line(err)})") from err
+    archive = root / Path(urllib.parse.urlparse(url).path).name
+    if not (archive.is_file() and _md5(archive) == md5):
+        _fetch(url, md5, archive)
+    _safe_extract(archive, root)
+    return archive
+
+
+# --- public API ------------------------------------------------------------------------------
+
+
+def load_cifar(name: str, root: str | os.PathLike, train: bool, download: bool = False) -> ImageArrays:
+    """Loads a CIFAR split as uint8 (N, 3, 32, 32) images and int64 labels.
+
+    ``root`` may hold ``train.npz``/``test.npz``, the official extracted folder
+    (``cifar-100-python`` / ``cifar-10-batches-py``), or be that folder itself. With
+    ``download=True`` and no data found, the official archive is downloaded into ``root``.
+    """
+    fmt = _format(name)
+    root = Path(os.path.expanduser(os.fspath(root)))
+    if not _has_npz(root) and _pickle_dir(fmt, root) is None:
+        if not download:
+            where = f"in {root}" if root.is_dir() else f"at {root} (the folder does not exist)"
+            raise TeskdError(f"no {name} data found {where}; expected {_expected_layouts(fmt, root)}; "
+                             f"set data.download=true to download it, or point data.root at the data")
+        download_cifar(name, root)
+        if _pickle_dir(fmt, root) is None:
+            raise TeskdError(f"the archive downloaded from {URLS[name]} does not contain {root / fmt.folder}")
+
+    if _has_npz(root):
+        path = root / ("train.npz" if train else "test.npz")
+        x, y, classes = _read_npz(path, train)
+        source = path
+    else:
+        folder = _pickle_dir(fmt, root)
+        x, y, classes = _read_pickles(fmt, folder, train)
+        source = folder
+
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise TeskdError(f"{source}: {x.shape[0]} images but labels of shape {tuple(y.shape)}")
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        raise TeskdError(f"{source}: labels must be integers, got {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() >= fmt.num_classes):
+        bad = int(y.min()) if y.min() < 0 else int(y.max())
+        raise TeskdError(f"{source}: label {bad} is out of range for {name} (expected 0..{fmt.num_classes - 1})")
+    if classes is None:
+        classes = [str(i) for i in range(fmt.num_classes)]
+    if len(classes) != fmt.num_classes:
+        raise TeskdError(f"{source}: {len(classes)} class names, expected {fmt.num_classes} for {name}")
+
+    images = torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8))
+    labels = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    return ImageArrays(images, labels, classes)
+
+
+def _rank_in_class(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each image, its index within its class in file order; and the per-class counts."""
+    labels = labels.to(torch.int64).cpu()
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise TeskdError(f"labels must lie in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
+    counts = torch.bincount(labels, minlength=num_classes)
+    order = torch.sort(labels, stable=True).indices  # file order kept within each class
+    starts = torch.cumsum(counts, 0) - counts  # first sorted position of each class
+    rank = torch.empty_like(labels)
+    rank[order] = torch.arange(labels.numel()) - starts[labels[order]]
+    return rank, counts
+
+
+def first_k_per_class(labels: torch.Tensor, k: int, num_classes: int) -> torch.Tensor:
+    """Indices (ascending, int64) of the first ``k`` images of each class in file order."""
+    if k < 0:
+        raise TeskdError(f"the number of images per class must be >= 0, got {k}")
+    rank, counts = _rank_in_class(labels, num_classes)
+    short = (counts < k).nonzero().flatten().tolist()
+    if short:
+        shown = ", ".join(f"class {c} has {int(counts[c])}" for c in short[:5])
+        more = f" and {len(short) - 5} more" if len(short) > 5 else ""
+        raise TeskdError(f"cannot take {k} images per class: {len(short)} classes have fewer ({shown}{more})")
+    return (rank < k).nonzero().flatten()
+
+
+def split_val_per_class(arrays: ImageArrays, val_per_class: int) -> tuple[ImageArrays, ImageArrays | None]:
+    """Holds out the last ``val_per_class`` images of each class (file order) for validation.
+
+    Returns ``(train, val)``, both in file order; ``(arrays, None)`` for 0. Classes with no
+    images are ignored; a class with fewer than ``val_per_class`` images is an error.
+    """
+    if val_per_class < 0:
+        raise TeskdError(f"val_per_class must be >= 0, got {val_per_class}")
+    if val_per_class == 0:
+        return arrays, None
+    labels = arrays.labels.cpu()
+    num_classes = max(len(arrays.classes), int(labels.max()) + 1 if labels.numel() else 0)
+    rank, counts = _rank_in_class(labels, num_classes)
+    short = ((counts > 0) & (counts < val_per_class)).nonzero().flatten().tolist()
+    if short:
+        shown = ", ".join(f"class {c} has {int(counts[c])}" for c in short[:5])
+        raise TeskdError(f"cannot hold out {val_per_class} validation images per class: "
+                         f"{len(short)} classes have fewer ({shown})")
+    is_val = rank >= counts[labels] - val_per_class
+    return arrays.select(torch.nonzero(~is_val).flatten()), arrays.select(torch.nonzero(is_val).flatten())
