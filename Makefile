@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH bash benchmarks/demo.sh
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import torch
 
-from teskd.engine.metrics import topk_correct
+from teskd.engine.metrics import progress_interval, topk_correct
 from teskd.engine.runtime import autocast
 
 
@@ -20,7 +20,8 @@ def evaluate(method, loader, device: torch.device, amp_dtype=None, channels_last
     method.eval()
     correct = defaultdict(lambda: torch.zeros(2, dtype=torch.long))
     total = 0
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True,
+                               mininterval=progress_interval()):
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -35,3 +36,8 @@ class MetricsLog:
         """Drop records past ``epoch`` (epochs logged after the checkpoint we resume from)."""
         keep = [r for r in self.read() if r["epoch"] <= epoch]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def progress_interval() -> float:
+    """Seconds between progress-bar refreshes: lively on a terminal, sparse in a log file."""
+    return 0.1 if sys.stderr.isatty() else 30.0

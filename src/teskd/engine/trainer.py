@@ -26,7 +26,7 @@ from teskd.data.pipeline import build_data
 from teskd.engine import runtime
 from teskd.engine.checkpoint import load_checkpoint, save_checkpoint
 from teskd.engine.evaluate import evaluate
-from teskd.engine.metrics import MetricsLog, topk_correct
+from teskd.engine.metrics import MetricsLog, progress_interval
 from teskd.engine.schedule import lr_factor
 from teskd.errors import TeskdError
 from teskd.methods import build_method
@@ -169,7 +169,7 @@ class Trainer:
         seen = 0
         t0 = time.perf_counter()
         bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not tc.progress,
-                   dynamic_ncols=True, leave=False)
+                   dynamic_ncols=True, leave=False, mininterval=progress_interval())
         for step, (images, labels) in enumerate(bar):
             lr = self._step_lr(epoch, step, steps)
             if tc.channels_last:
