@@ -86,3 +86,8 @@ def test_expand_path(monkeypatch):
     assert expand_path("${TESKD_DATA:-./data}/cifar100") == Path("/some/where/cifar100")
     monkeypatch.delenv("TESKD_DATA")
     assert expand_path("${TESKD_DATA:-./data}/cifar100") == Path("./data/cifar100")
+
+
+def test_defaults_without_a_method_section_are_the_teskd_parameters():
+    cfg = load_config(None, [])
+    assert type(cfg.method).__name__ == "TeskdParams" and cfg.method.temperature == 4.0

@@ -30,7 +30,7 @@ class DataConfig:
     val_per_class: int = 0  # hold out the last K training images of each class for validation
     test_subset_per_class: int | None = None  # evaluate on the first K test images of each class (quick runs)
     batch_size: int = 128
-    eval_batch_size: int = 500
+    eval_batch_size: int = 100  # small batches are faster on CPUs (cache); raise it on a GPU
     crop_padding: int = 4
     hflip: bool = True
 
@@ -183,13 +183,13 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         valid = ", ".join(f"{where}{k}" for k in fields)
         raise TeskdError(f"unknown config key {where}{unknown[0]!s}; valid keys here: {valid}")
     kwargs = {}
-    for name, value in data.items():
+    for name in fields:
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
-        if dataclasses.is_dataclass(tp) or tp is MethodParams:
-            kwargs[name] = _build(tp, value, key)
-        else:
-            kwargs[name] = _coerce(value, tp, key)
+        if dataclasses.is_dataclass(tp):  # sections are always built, so `method` gets its own class
+            kwargs[name] = _build(tp, data.get(name), key)
+        elif name in data:
+            kwargs[name] = _coerce(data[name], tp, key)
     return cls(**kwargs)
 
 

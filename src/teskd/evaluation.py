@@ -52,7 +52,7 @@ def evaluate_checkpoint(target: Path, overrides=(), which: str = "last", split: 
     acc = evaluate(method, loader, device, runtime.resolve_amp(cfg.train.amp, device),
                    progress=cfg.train.progress, desc=split)
     return {"checkpoint": str(path), "epoch": state["epoch"], "split": split,
-            "images": len(loader.arrays) if hasattr(loader, "arrays") else None, "accuracy": acc}
+            "images": int(loader.labels.shape[0]), "accuracy": acc}
 
 
 def model_info(cfg: Config) -> dict:
