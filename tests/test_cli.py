@@ -69,3 +69,29 @@ def test_console_entry_point_runs_as_a_process():
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: optim.lr must be > 0, got -1.0"
+
+
+OFFICIAL_COUNTS = {  # spec section 2: (with students, teacher alone), 100 classes
+    "resnet18": (37_050_832, 11_220_132), "resnet34": (47_158_992, 21_328_292),
+    "resnet50": (434_915_280, 23_705_252), "seresnet18": (37_144_712, 11_314_012),
+    "seresnet34": (47_328_700, 21_498_000), "seresnet50": (437_472_832, 26_262_804),
+    "resnext18": (48_040_144, 22_209_444), "resnext34": (68_252_752, 42_422_052),
+    "resnext50": (434_387_152, 23_177_124), "vgg16": (24_844_752, 15_299_748), "vgg19": (30_157_008, 20_612_004),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(OFFICIAL_COUNTS))
+def test_info_for_every_architecture_config(capsys, arch):
+    for method in ("teskd", "ce"):
+        code, out, _ = run_cli(capsys, "info", str(REPO / f"configs/cifar100/{arch}_{method}.yaml"), "--json")
+        info = json.loads(out)
+        assert code == 0 and info["arch"] == arch and info["method"] == method
+        train, deploy = OFFICIAL_COUNTS[arch]
+        assert info["params_deploy"] == deploy
+        assert info["params_train"] == (train if method == "teskd" else deploy)
+        assert info["macs_train"] > info["macs_deploy"] if method == "teskd" else info["macs_train"] == info["macs_deploy"]
+
+
+def test_overrides_may_follow_options(capsys):
+    code, out, _ = run_cli(capsys, "info", CONFIG, "--json", "model.width_mult=0.5")
+    assert code == 0 and json.loads(out)["params_deploy"] < 11_220_132

@@ -11,8 +11,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_paper_recipe_configs():
-    for name in ("resnet18_teskd", "resnet18_ce"):
-        cfg = load_config(CONFIGS / "cifar100" / f"{name}.yaml")
+    paths = sorted((CONFIGS / "cifar100").glob("*.yaml"))
+    assert len(paths) == 22  # 11 architectures x {ce, teskd}
+    for path in paths:
+        cfg = load_config(path)
+        arch, method = path.stem.rsplit("_", 1)
+        assert (cfg.model.arch, cfg.method.name, cfg.data.dataset) == (arch, method, "cifar100")
         assert cfg.train.epochs == 200 and cfg.data.batch_size == 128
         assert cfg.optim.lr == 0.1 and cfg.optim.weight_decay == 5e-4 and cfg.optim.nesterov
         assert cfg.schedule.name == "step" and cfg.schedule.milestones == [100, 150]

@@ -32,7 +32,8 @@ OFFICIAL_PARAMS = {
 def make_network(arch: str = "resnet18", width_mult: float = 1.0, levels=(1, 2, 3), device=None, classes=100):
     with torch.device(device or "cpu"):
         backbone = build_backbone(arch, classes, width_mult)
-        students = HierarchicalStudents(backbone.stage_info, classes, default_student_width(backbone), levels=levels)
+        students = HierarchicalStudents(backbone.stage_info, classes, default_student_width(backbone), levels=levels,
+                                        branch_stage=backbone.branch_stage)
     return TeskdNetwork(backbone, students)
 
 
@@ -66,12 +67,15 @@ def basic_resnet_params(chs, blocks, classes):
 
 
 def student_params(stage_chs, width, classes, kernels=(8, 4, 2), levels=(1, 2, 3)):
-    c, lo = width, min(levels)
-    total = sum(ch * c + 2 * c for ch in stage_chs[lo - 1:])  # laterals
-    total += (3 - lo + 1) * (c * c + 2 * c)  # upsample
-    total += (3 - lo + 1) * (2 * c * c + 2 * c)  # fuse
+    """Closed form; ``width`` is C or {level: C_L} (S4 has the level-3 width: C_4 = C_3)."""
+    w = {1: width, 2: width, 3: width} if isinstance(width, int) else dict(width)
+    w[4] = w[3]
+    lo = min(levels)
+    total = sum(stage_chs[i - 1] * w[i] + 2 * w[i] for i in range(lo, 5))  # laterals on T_lo..T4
+    total += sum(w[L + 1] * w[L] + 2 * w[L] for L in range(lo, 4))  # upsample S(L+1) -> level L
+    total += sum(2 * w[L] * w[L] + 2 * w[L] for L in range(lo, 4))  # fuse
     for level in levels:
-        k = kernels[level - 1]
+        k, c = kernels[level - 1], w[level]
         total += k * k * c * c + c + 2 * c + c * c + c + 2 * c  # auxiliary branch
         total += c * classes + classes  # head
     return total
@@ -173,6 +177,84 @@ def test_levels_subset():
             HierarchicalStudents(bb.stage_info, 10, 128, levels=bad)
     with pytest.raises(TeskdError):
         HierarchicalStudents(bb.stage_info[:3], 10, 128)
+
+
+def test_branch_stage_sets_branch_kernels():
+    info = build_backbone("resnet18", 10, 0.25).stage_info  # reductions 1, 2, 4, 8
+    assert build_backbone("resnet18", 10).branch_stage == 4  # the Backbone default
+    default = HierarchicalStudents(info, 10, 32)
+    assert default.branch_stage == 4
+    assert [default.branch(level)[0].kernel_size for level in (1, 2, 3)] == [(8, 8), (4, 4), (2, 2)]
+    for stage, kernels in ((3, (4, 2, 1)), (4, (8, 4, 2))):
+        s = HierarchicalStudents(info, 10, 32, branch_stage=stage).eval()
+        assert s.branch_stage == stage
+        assert [s.branch(level)[0].kernel_size for level in (1, 2, 3)] == [(k, k) for k in kernels]
+        assert [s.branch(level)[0].stride for level in (1, 2, 3)] == [(k, k) for k in kernels]
+        assert count_params(s) == student_params((16, 32, 64, 128), 32, 10, kernels=kernels)
+        stages = [torch.randn(2, c, 32 // r, 32 // r) for c, r in ((16, 1), (32, 2), (64, 4), (128, 8))]
+        with torch.no_grad():
+            fused = s.top_down(stages)
+            size = 32 // info[stage - 1].reduction  # every branch reaches the T_branch_stage size
+            assert all(s.branch(level)(fused[level]).shape == (2, 32, size, size) for level in (1, 2, 3))
+            assert all(f.shape == (2, 32) for _, f in s(stages).values())
+    # branch_stage 2 is fine for levels 1 and 2 (kernels 2, 1) but level 3 would need kernel 1/2
+    s12 = HierarchicalStudents(info, 10, 32, levels=(1, 2), branch_stage=2)
+    assert [s12.branch(level)[0].kernel_size for level in (1, 2)] == [(2, 2), (1, 1)]
+    with pytest.raises(TeskdError, match="auxiliary branch"):
+        HierarchicalStudents(info, 10, 32, branch_stage=2)
+    # a non-integer ratio: T2 (reduction 3) is not a multiple of T3 (reduction 2)
+    odd = tuple(StageInfo(8, r) for r in (1, 3, 2, 4))
+    assert HierarchicalStudents(odd, 10, 8, levels=(3,)).branch(3)[0].kernel_size == (2, 2)
+    with pytest.raises(TeskdError, match="auxiliary branch"):
+        HierarchicalStudents(odd, 10, 8, levels=(3,), branch_stage=2)
+    for bad in (0, 5, True, 3.0, "3"):
+        with pytest.raises(TeskdError):
+            HierarchicalStudents(info, 10, 32, branch_stage=bad)
+
+
+def test_per_level_widths():
+    bb = build_backbone("resnet18", 10, 0.25)
+    chs = (16, 32, 64, 128)
+    widths = {1: 24, 2: 40, 3: 56}
+    s = HierarchicalStudents(bb.stage_info, 10, widths).eval()
+    assert s.widths == widths and s.width is None
+    assert count_params(s) == student_params(chs, widths, 10)
+    # structure: S4 has width C3; upsample j maps C_{j+2} -> C_{j+1}; lateral j maps T(j+1) -> C_{j+1}
+    assert s.laterals["3"][0].weight.shape == (56, 128, 1, 1)
+    assert s.laterals["0"][0].weight.shape == (24, 16, 1, 1)
+    assert s.upsample["2"][1].weight.shape == (56, 56, 1, 1)
+    assert s.upsample["1"][1].weight.shape == (40, 56, 1, 1)
+    assert s.upsample["0"][1].weight.shape == (24, 40, 1, 1)
+    assert s.fuse_2[0].weight.shape == (40, 80, 1, 1)
+    assert s.downsample1[0].weight.shape == (24, 24, 8, 8) and s.fc_b3.weight.shape == (10, 56)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = s(bb.eval().forward_stages(x))
+    for level, c in widths.items():
+        logits, feature = out[f"student{level}"]
+        assert logits.shape == (2, 10) and feature.shape == (2, c)
+    # a subset of levels still needs all three widths (the path's width at S4 is C3)
+    s3 = HierarchicalStudents(bb.stage_info, 10, {1: 8, 2: 12, 3: 20}, levels=(3,))
+    assert count_params(s3) == student_params(chs, {1: 8, 2: 12, 3: 20}, 10, levels=(3,))
+    assert s3.laterals["3"][0].out_channels == 20
+    s2 = HierarchicalStudents(bb.stage_info, 10, {1: 8, 2: 12, 3: 20}, levels=(2,), branch_stage=3)
+    assert count_params(s2) == student_params(chs, {1: 8, 2: 12, 3: 20}, 10, kernels=(4, 2, 1), levels=(2,))
+    for bad in ({2: 8, 3: 8}, {1: 8, 2: 8, 3: 8, 4: 8}, {1: 8, 2: 0, 3: 8}, {1: 8, 2: 8.0, 3: 8}, 0, 8.0, True):
+        with pytest.raises(TeskdError):
+            HierarchicalStudents(bb.stage_info, 10, bad)
+
+
+def test_int_width_is_unchanged_official_resnet18():
+    with torch.device("meta"):
+        bb = build_backbone("resnet18", 100)
+        single = HierarchicalStudents(bb.stage_info, 100, 512, branch_stage=bb.branch_stage)
+        mapped = HierarchicalStudents(bb.stage_info, 100, {1: 512, 2: 512, 3: 512})
+    assert count_params(bb) + count_params(single) == 37_050_832
+    assert single.width == 512 and single.widths == {1: 512, 2: 512, 3: 512}
+    # a uniform mapping builds exactly the same modules (names and shapes)
+    assert mapped.width == 512
+    assert {k: v.shape for k, v in mapped.state_dict().items()} == {k: v.shape for k, v in single.state_dict().items()}
+    assert student_params((64, 128, 256, 512), {1: 512, 2: 512, 3: 512}, 100) == 37_050_832 - 11_220_132
 
 
 def test_teacher_only_network():

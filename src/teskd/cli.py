@@ -1,4 +1,4 @@
-"""Command line: ``teskd train | eval | info | report``."""
+"""Command line: ``teskd train | eval | info | import-official | report``."""
 
 from __future__ import annotations
 
@@ -77,6 +77,14 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_import(args) -> int:
+    from teskd.official import import_official
+
+    out = import_official(Path(args.state_dict), args.arch, Path(args.out), args.overrides)
+    print(f"imported {args.state_dict} ({args.arch}) -> {out}")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from teskd.report import summary_table
 
@@ -112,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_info)
 
+    p = sub.add_parser("import-official", help="convert a state dict saved by the official TESKD code")
+    p.add_argument("state_dict", help="the official .pth file (model.state_dict())")
+    p.add_argument("--arch", required=True, help="architecture, e.g. resnet18, seresnet34, vgg16")
+    p.add_argument("--out", required=True,
+                   help="run directory (eval/resume-able), a .pt checkpoint, or a teacher .safetensors")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. data.dataset=cifar10)")
+    p.set_defaults(func=_cmd_import)
+
     p = sub.add_parser("report", help="compare finished runs in a table")
     p.add_argument("runs", nargs="+", help="run directories")
     p.set_defaults(func=_cmd_report)
@@ -120,7 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may also come after options (`train CFG --out X a.b=1`): argparse
+    # leaves those over, so collect them here rather than rejecting them.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
     try:
         return args.func(args)
     except TeskdError as exc:

@@ -62,7 +62,8 @@ def model_info(cfg: Config) -> dict:
     from teskd.models import count_macs, count_params
 
     spec = get_dataset_spec(cfg.data.dataset)
-    method = build_model(cfg, spec.num_classes)
+    with torch.device("meta"):  # shapes only: no memory, no compute, instant even for 435M parameters
+        method = build_model(cfg, spec.num_classes)
     shape = (1, 3, spec.image_size, spec.image_size)
     return {
         "arch": cfg.model.arch,

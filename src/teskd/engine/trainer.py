@@ -112,12 +112,14 @@ class Trainer:
         except RuntimeError as exc:
             raise TeskdError(f"checkpoint does not match the configured model "
                              f"({str(exc).splitlines()[0][:160]})") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"])
-        self.best = dict(state["best"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.train_images = int(state.get("train_images", 0))
+        if "optimizer" not in state:  # imported weights (teskd import-official): start training from them
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.best = dict(state["best"])
         _set_rng_state(state["rng"])
 
     # --- loop ------------------------------------------------------------------------------

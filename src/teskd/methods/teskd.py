@@ -21,6 +21,7 @@ from teskd.methods.base import Method, StepOutput, register_method
 from teskd.models.students import HierarchicalStudents
 
 LEVELS = (1, 2, 3)
+KD_DIRECTIONS = ("teacher_to_student", "student_to_teacher")
 
 
 @dataclass
@@ -31,11 +32,17 @@ class TeskdParams(MethodParams):
     kd_weight: float = 0.8
     feat_weight: float = 1e-7
     detach_teacher: bool = False  # official: False (the KL gradient reaches the teacher too)
+    # teacher_to_student (official): KL(p_teacher + eps || p_student), the student matches the teacher;
+    # student_to_teacher: KL(p_student + eps || p_teacher), the roles of the two distributions swapped
+    kd_direction: str = "teacher_to_student"
     kl_eps: float = 1e-7
+    feature_loss: bool = True  # the masked feature term (off: as if feat_weight were 0)
     # per-branch CE weights; keys "teacher" and "student1".."student3" (missing keys mean 1.0)
     branch_ce_weights: dict[str, float] = field(default_factory=dict)
     levels: list[int] = field(default_factory=lambda: list(LEVELS))  # 1 = shallowest (T1) student
-    student_width: int | None = None  # None: the faithful C = last stage's channels
+    # None: the faithful single C = last stage's channels; an int: one width for all;
+    # a mapping {1: C1, 2: C2, 3: C3}: a width per level (all three levels)
+    student_width: int | dict[int, int] | None = None
 
     def validate(self) -> None:
         if self.temperature <= 0:
@@ -54,7 +61,18 @@ class TeskdParams(MethodParams):
                                  f"valid: {sorted(valid)}")
             if weight < 0:
                 raise TeskdError(f"method.branch_ce_weights.{key} must be >= 0, got {weight}")
-        if self.student_width is not None and self.student_width < 1:
+        if self.kd_direction not in KD_DIRECTIONS:
+            raise TeskdError(f"method.kd_direction must be one of {', '.join(KD_DIRECTIONS)}, "
+                             f"got {self.kd_direction!r}")
+        widths = self.student_width
+        if isinstance(widths, dict):
+            if sorted(widths) != list(LEVELS):
+                raise TeskdError(f"method.student_width as a mapping needs exactly the levels 1, 2, 3 "
+                                 f"(got {sorted(widths)})")
+            widths = list(widths.values())
+        elif widths is not None:
+            widths = [widths]
+        if widths is not None and any(w < 1 for w in widths):
             raise TeskdError(f"method.student_width must be >= 1, got {self.student_width}")
 
 
@@ -67,7 +85,17 @@ class TESKD(Method):
         super().__init__(backbone, num_classes, params)
         width = params.student_width or backbone.stage_info[-1].channels
         self.students = HierarchicalStudents(backbone.stage_info, num_classes, width=width,
-                                             levels=tuple(sorted(params.levels)))
+                                             levels=tuple(sorted(params.levels)),
+                                             branch_stage=backbone.branch_stage)
+        backbone.init_students(self.students)
+        self.use_feature_loss = params.feature_loss and params.feat_weight > 0
+        if self.use_feature_loss:
+            wrong = {lvl: self.students.widths[lvl] for lvl in params.levels
+                     if self.students.widths[lvl] != backbone.num_features}
+            if wrong:
+                raise TeskdError(f"the feature loss compares student features with the teacher's "
+                                 f"{backbone.num_features}-d feature, but student widths are {wrong}; "
+                                 f"set method.feature_loss=false or matching widths")
 
     def _branches(self, images: torch.Tensor):
         stages = self.backbone.forward_stages(images)
@@ -82,10 +110,15 @@ class TESKD(Method):
         ce = w.get("teacher", 1.0) * F.cross_entropy(logits_t, labels)
         kd = logits_t.new_zeros((), dtype=torch.float32)
         feat = logits_t.new_zeros((), dtype=torch.float32)
+        target_t = logits_t.detach() if p.detach_teacher else logits_t
         for name, (logits_s, feat_s) in students.items():
             ce = ce + w.get(name, 1.0) * F.cross_entropy(logits_s, labels)
-            kd = kd + kd_kl(logits_s, logits_t, p.temperature, eps=p.kl_eps, detach_teacher=p.detach_teacher)
-            feat = feat + masked_feature_l2(feat_s, feat_t)
+            if p.kd_direction == "teacher_to_student":
+                kd = kd + kd_kl(logits_s, target_t, p.temperature, eps=p.kl_eps)
+            else:
+                kd = kd + kd_kl(target_t, logits_s, p.temperature, eps=p.kl_eps)
+            if self.use_feature_loss:
+                feat = feat + masked_feature_l2(feat_s, feat_t)
         parts = {"ce": p.ce_weight * ce, "kd": p.kd_weight * kd, "feat": p.feat_weight * feat}
         loss = parts["ce"] + parts["kd"] + parts["feat"]
         logits = {"teacher": logits_t, **{name: out[0] for name, out in students.items()}}

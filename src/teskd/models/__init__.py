@@ -1,6 +1,8 @@
 """Models: backbones (the deployable teachers), TESKD's students, the joint network."""
 
 from teskd.models.backbones import resnet as _resnet  # noqa: F401  (registers the ResNets)
+from teskd.models.backbones import senet as _senet, resnext as _resnext  # noqa: F401
+from teskd.models.backbones import vgg as _vgg  # noqa: F401
 from teskd.models.backbones.base import Backbone, StageInfo
 from teskd.models.complexity import count_macs, count_params
 from teskd.models.network import NetworkOutput, TeskdNetwork, default_student_width

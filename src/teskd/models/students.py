@@ -13,9 +13,21 @@ each requested level (spec section 2, official ``CIFAR_ResNet`` in
 
 Every module has the single width C (``width``; the faithful choice is the last
 stage's channel count, 512 x expansion). ``r`` is reduction(T_{L+1}) / reduction(T_L)
-(2 for ResNets) and the auxiliary branch ``downsample_L`` is a k x k, stride-k conv
-with k = reduction(T4) / reduction(T_L) (8, 4, 2 for CIFAR ResNets), so each level
-reaches the T4 size before pooling.
+(2 for ResNets and VGG) and the auxiliary branch ``downsample_L`` is a k x k, stride-k
+conv with k = reduction(T_B) / reduction(T_L), B = ``branch_stage`` (the backbone's
+``Backbone.branch_stage``), so each level reaches the T_B size before pooling:
+B = 4 and k = 8, 4, 2 for CIFAR ResNets, B = 3 and k = 4, 2, 1 for CIFAR VGG.
+
+Per-level widths (an ablation, not in the paper): ``width`` may instead be a mapping
+{1: C1, 2: C2, 3: C3} (all three levels, even unrequested ones, because the top-down
+path's width at S4 is C3). Level L's modules then have width C_L, with C4 := C3::
+
+    S4 = lateral_3(T4)                      width C3
+    upsample_j: S(j+2) (C_{j+2}) -> C_{j+1}  (the 1x1 conv changes the width)
+    lateral_j:  T(j+1) -> C_{j+1}
+    fuse_L: 2 C_L -> C_L;  downsample_L: C_L -> C_L;  fc_bL: Linear(C_L, classes)
+
+so student L's feature has C_L entries. An int width gives exactly the modules above.
 
 Module names are the official ones, so an official checkpoint's student weights
 load by name (``laterals`` and ``upsample`` are ModuleDicts keyed "0".."3" /
@@ -43,7 +55,7 @@ This is the plain reference implementation; faster exact rewrites must match it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -62,11 +74,11 @@ def _conv_bn_relu(in_ch: int, out_ch: int, inplace: bool = True) -> nn.Sequentia
     )
 
 
-def _upsample_block(width: int, scale: int) -> nn.Sequential:
+def _upsample_block(in_ch: int, out_ch: int, scale: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=True),
-        nn.Conv2d(width, width, kernel_size=1, bias=False),
-        nn.BatchNorm2d(width),
+        nn.Conv2d(in_ch, out_ch, kernel_size=1, bias=False),
+        nn.BatchNorm2d(out_ch),
         nn.ReLU(),
     )
 
@@ -83,12 +95,31 @@ def _auxiliary_branch(width: int, kernel: int) -> nn.Sequential:
 
 
 def _ratio(deep: StageInfo, shallow: StageInfo, what: str) -> int:
-    if shallow.reduction <= 0 or deep.reduction % shallow.reduction != 0:
+    """reduction(deep) / reduction(shallow); a TeskdError unless it is an integer >= 1."""
+    if shallow.reduction <= 0 or deep.reduction < shallow.reduction or deep.reduction % shallow.reduction != 0:
         raise TeskdError(
-            f"students need integer stage-reduction ratios for the {what}, "
+            f"students need integer stage-reduction ratios >= 1 for the {what}, "
             f"got reductions {shallow.reduction} and {deep.reduction}"
         )
     return deep.reduction // shallow.reduction
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _level_widths(width: int | Mapping[int, int]) -> dict[int, int]:
+    """``{1: C1, 2: C2, 3: C3}`` from a single width or a per-level mapping (all three levels)."""
+    if isinstance(width, Mapping):
+        if set(width) != set(LEVELS) or not all(_is_positive_int(w) for w in width.values()):
+            raise TeskdError(
+                f"per-level student widths must map each of the levels 1, 2, 3 to a positive integer, "
+                f"got {dict(width)!r}"
+            )
+        return {level: width[level] for level in LEVELS}
+    if not _is_positive_int(width):
+        raise TeskdError(f"student width must be a positive integer or a {{level: width}} mapping, got {width!r}")
+    return {level: width for level in LEVELS}
 
 
 class HierarchicalStudents(nn.Module):
@@ -98,8 +129,9 @@ class HierarchicalStudents(nn.Module):
         self,
         stage_info: Sequence[StageInfo],
         num_classes: int,
-        width: int,
+        width: int | Mapping[int, int],
         levels: Sequence[int] = LEVELS,
+        branch_stage: int = 4,
     ):
         super().__init__()
         stage_info = tuple(stage_info)
@@ -108,34 +140,46 @@ class HierarchicalStudents(nn.Module):
         levels = tuple(sorted(levels))
         if not levels or len(set(levels)) != len(levels) or not set(levels) <= set(LEVELS):
             raise TeskdError(f"student levels must be a non-empty subset of {{1, 2, 3}}, got {list(levels)}")
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise TeskdError(f"student width must be a positive integer, got {width!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        widths = _level_widths(width)
+        if not _is_positive_int(num_classes):
             raise TeskdError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if not _is_positive_int(branch_stage) or branch_stage > 4:
+            raise TeskdError(f"branch_stage must be a stage number 1..4, got {branch_stage!r}")
 
         self.stage_info = stage_info
         self.levels = levels
-        self.width = width
+        self.widths = widths  # level -> width, levels 1..3
+        # the single width C, or None when the levels' widths differ
+        self.width = widths[1] if len(set(widths.values())) == 1 else None
+        self.branch_stage = branch_stage
         self.num_classes = num_classes
         lowest = levels[0]  # the shallowest requested level; the path stops there
 
-        # lateral i reads T(i+1); needed for the levels lowest..3 and for T4
+        def level_width(level: int) -> int:  # C_L, with C4 := C3 (the width of S4)
+            return widths[min(level, 3)]
+
+        # lateral i reads T(i+1) and has the width of S(i+1); needed for the levels lowest..3 and for T4
         self.laterals = nn.ModuleDict(
-            {str(i): _conv_bn_relu(stage_info[i].channels, width) for i in range(lowest - 1, 4)}
+            {str(i): _conv_bn_relu(stage_info[i].channels, level_width(i + 1)) for i in range(lowest - 1, 4)}
         )
-        # upsample j brings S(j+2) to the size of T(j+1); fuse_L builds S_L for L = j+1
+        # upsample j brings S(j+2) to the size and width of S(j+1); fuse_L builds S_L for L = j+1
         self.upsample = nn.ModuleDict(
             {
-                str(j): _upsample_block(width, _ratio(stage_info[j + 1], stage_info[j], "top-down upsampling"))
+                str(j): _upsample_block(
+                    level_width(j + 2),
+                    level_width(j + 1),
+                    _ratio(stage_info[j + 1], stage_info[j], "top-down upsampling"),
+                )
                 for j in range(lowest - 1, 3)
             }
         )
         for level in range(lowest, 4):
-            self.add_module(f"fuse_{level}", _conv_bn_relu(2 * width, width))
+            self.add_module(f"fuse_{level}", _conv_bn_relu(2 * widths[level], widths[level]))
         for level in levels:
-            kernel = _ratio(stage_info[3], stage_info[level - 1], "auxiliary branches")
-            self.add_module(f"downsample{level}", _auxiliary_branch(width, kernel))
-            self.add_module(f"fc_b{level}", nn.Linear(width, num_classes))
+            what = f"auxiliary branch of level {level} (branch_stage {branch_stage})"
+            kernel = _ratio(stage_info[branch_stage - 1], stage_info[level - 1], what)
+            self.add_module(f"downsample{level}", _auxiliary_branch(widths[level], kernel))
+            self.add_module(f"fc_b{level}", nn.Linear(widths[level], num_classes))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -167,7 +211,7 @@ class HierarchicalStudents(nn.Module):
     def forward(self, stages: Sequence[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{"student<L>": (logits, feature)}`` for each requested level, shallowest first.
 
-        ``feature`` is the pooled output of the level's auxiliary branch, shape (B, C).
+        ``feature`` is the pooled output of the level's auxiliary branch, shape (B, C_L).
         """
         fused = self.top_down(stages)
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -23,10 +23,15 @@ class Backbone(nn.Module):
     (the size of the pooled feature fed to the head), and implement
     ``forward_stages`` and ``forward_head``. ``forward`` returns logits only, so
     the module (and its state dict) is exactly what gets deployed.
+
+    ``branch_stage`` (1-based) names the stage whose resolution TESKD's student
+    auxiliary branches reduce every level to before pooling: 4 (the T4 size) for
+    the ResNets, 3 for VGG, whose T4 is 1x1 (official code).
     """
 
     stage_info: tuple[StageInfo, ...]
     num_features: int
+    branch_stage: int = 4
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -37,3 +42,11 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_stages(x)[-1])[0]
+
+    def init_students(self, students: nn.Module) -> None:
+        """Initialise student modules built for this backbone the way its official code does.
+
+        The official ResNet and SE-ResNet models leave the students at PyTorch's
+        defaults (this no-op); the official VGG and ResNeXt models run their init
+        loop over the whole model, students included, and override this.
+        """
