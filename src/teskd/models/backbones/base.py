@@ -32,13 +32,25 @@ class Backbone(nn.Module):
     stage_info: tuple[StageInfo, ...]
     num_features: int
     branch_stage: int = 4
+    # the default forward: stem -> these four stage modules -> global average pool -> head module
+    stage_names: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
+    head_name: str = "fc"
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError
+        x = self.forward_stem(x)
+        stages = []
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+            stages.append(x)
+        return stages
 
     def forward_head(self, t4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(logits, pooled_feature)``; the feature has shape (B, num_features)."""
-        raise NotImplementedError
+        feature = torch.flatten(nn.functional.adaptive_avg_pool2d(t4, 1), 1)
+        return getattr(self, self.head_name)(feature), feature
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_stages(x)[-1])[0]

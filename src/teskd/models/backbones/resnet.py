@@ -17,7 +17,7 @@ parameters; the official code keeps an empty Sequential under the same name).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +28,32 @@ from teskd.models.registry import register_backbone
 
 def scale_channels(channels: int, width_mult: float) -> int:
     return max(1, int(round(channels * width_mult)))
+
+
+def add_resnet_stages(backbone: Backbone, in_ch: int, num_blocks: Sequence[int],
+                      make_block: Callable[[int, int, int, int], nn.Module],
+                      widths: Callable[[int], tuple[int, int]]) -> int:
+    """Add the four CIFAR residual stages (base planes 64..512, strides 1, 2, 2, 2) under
+    ``backbone.stage_names``; set ``stage_info`` and ``num_features``; return the output channels.
+
+    ``widths(planes) -> (mid_ch, out_ch)`` and ``make_block(in_ch, mid_ch, out_ch, stride)``
+    are what differ between the ResNet families.
+    """
+    if len(num_blocks) != 4:
+        raise ValueError(f"a residual backbone has 4 stages, got num_blocks={list(num_blocks)}")
+    reduction, infos = 1, []
+    for name, planes, blocks, stride in zip(backbone.stage_names, (64, 128, 256, 512), num_blocks, (1, 2, 2, 2)):
+        mid_ch, out_ch = widths(planes)
+        layers = []
+        for b in range(blocks):
+            layers.append(make_block(in_ch, mid_ch, out_ch, stride if b == 0 else 1))
+            in_ch = out_ch
+        backbone.add_module(name, nn.Sequential(*layers))
+        reduction *= stride
+        infos.append(StageInfo(channels=out_ch, reduction=reduction))
+    backbone.stage_info = tuple(infos)
+    backbone.num_features = in_ch
+    return in_ch
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -101,40 +127,17 @@ class CifarResNet(Backbone):
         width_mult: float = 1.0,
     ):
         super().__init__()
-        if len(num_blocks) != 4:
-            raise ValueError(f"a ResNet has 4 stages, got num_blocks={list(num_blocks)}")
         stem_ch = scale_channels(64, width_mult)
         self.conv1 = conv3x3(3, stem_ch)
         self.bn1 = nn.BatchNorm2d(stem_ch)
         self.relu = nn.ReLU(inplace=True)
 
-        in_ch, reduction, infos = stem_ch, 1, []
-        for index, (planes, blocks, stride) in enumerate(zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2))):
-            mid_ch = scale_channels(planes, width_mult)
-            out_ch = scale_channels(planes * block.expansion, width_mult)
-            layers = []
-            for b in range(blocks):
-                layers.append(block(in_ch, mid_ch, out_ch, stride if b == 0 else 1))
-                in_ch = out_ch
-            self.add_module(f"layer{index + 1}", nn.Sequential(*layers))
-            reduction *= stride
-            infos.append(StageInfo(channels=out_ch, reduction=reduction))
+        widths = lambda planes: (scale_channels(planes, width_mult),  # noqa: E731
+                                 scale_channels(planes * block.expansion, width_mult))
+        self.fc = nn.Linear(add_resnet_stages(self, stem_ch, num_blocks, block, widths), num_classes)
 
-        self.stage_info = tuple(infos)
-        self.num_features = in_ch
-        self.fc = nn.Linear(in_ch, num_classes)
-
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.relu(self.bn1(self.conv1(x)))
-        t1 = self.layer1(x)
-        t2 = self.layer2(t1)
-        t3 = self.layer3(t2)
-        t4 = self.layer4(t3)
-        return [t1, t2, t3, t4]
-
-    def forward_head(self, t4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feature = torch.flatten(nn.functional.adaptive_avg_pool2d(t4, 1), 1)
-        return self.fc(feature), feature
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
 
 
 @register_backbone("resnet18")

@@ -42,8 +42,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from teskd.models.backbones.base import Backbone, StageInfo
-from teskd.models.backbones.resnet import BasicBlock, conv1x1, conv3x3, projection, scale_channels
+from teskd.models.backbones.base import Backbone
+from teskd.models.backbones.resnet import BasicBlock, add_resnet_stages, conv1x1, conv3x3, projection, scale_channels
 from teskd.models.registry import register_backbone
 
 CARDINALITY = 32
@@ -100,47 +100,23 @@ class CifarResNeXt(Backbone):
 
     def __init__(self, bottleneck: bool, num_blocks: Sequence[int], num_classes: int, width_mult: float = 1.0):
         super().__init__()
-        if len(num_blocks) != 4:
-            raise ValueError(f"a ResNeXt has 4 stages, got num_blocks={list(num_blocks)}")
         stem_ch = scale_channels(64, width_mult)
         self.conv1 = nn.Sequential(conv3x3(3, stem_ch))
         self.bn1 = nn.BatchNorm2d(stem_ch)
         self.relu = nn.ReLU(inplace=True)
 
-        in_ch, reduction, infos = stem_ch, 1, []
-        for index, (planes, blocks, stride) in enumerate(zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2))):
-            mid_ch = scale_channels(2 * planes, width_mult)
-            out_ch = scale_channels(planes * (4 if bottleneck else 1), width_mult)
-            layers: list[nn.Module] = []
-            for b in range(blocks):
-                s = stride if b == 0 else 1
-                layers.append(GroupedBottleneck(in_ch, mid_ch, out_ch, s) if bottleneck
-                              else BasicBlock(in_ch, mid_ch, out_ch, s))
-                in_ch = out_ch
-            self.add_module(f"layer{index + 1}", nn.Sequential(*layers))
-            reduction *= stride
-            infos.append(StageInfo(channels=out_ch, reduction=reduction))
-
-        self.stage_info = tuple(infos)
-        self.num_features = in_ch
-        self.fc = nn.Linear(in_ch, num_classes)
+        block = GroupedBottleneck if bottleneck else BasicBlock  # BasicBlock with mid = 2x: wide first conv
+        widths = lambda planes: (scale_channels(2 * planes, width_mult),  # noqa: E731
+                                 scale_channels(planes * (4 if bottleneck else 1), width_mult))
+        self.fc = nn.Linear(add_resnet_stages(self, stem_ch, num_blocks, block, widths), num_classes)
 
         _init_official_resnext(self)
 
     def init_students(self, students: nn.Module) -> None:
         _init_official_resnext(students)  # the official loop runs after the students are built
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.relu(self.bn1(self.conv1(x)))
-        t1 = self.layer1(x)
-        t2 = self.layer2(t1)
-        t3 = self.layer3(t2)
-        t4 = self.layer4(t3)
-        return [t1, t2, t3, t4]
-
-    def forward_head(self, t4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feature = torch.flatten(nn.functional.adaptive_avg_pool2d(t4, 1), 1)
-        return self.fc(feature), feature
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
 
 
 @register_backbone("resnext18")

@@ -56,8 +56,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from teskd.models.backbones.base import Backbone, StageInfo
-from teskd.models.backbones.resnet import scale_channels
+from teskd.models.backbones.base import Backbone
+from teskd.models.backbones.resnet import add_resnet_stages, scale_channels
 from teskd.models.registry import register_backbone
 
 SE_REDUCTION = 16
@@ -144,6 +144,9 @@ class BottleneckResidualSEBlock(_SEBlock):
 class CifarSEResNet(Backbone):
     """SE-ResNet with the CIFAR stem; stages T1..T4 at reductions 1, 2, 4, 8."""
 
+    stage_names = ("stage1", "stage2", "stage3", "stage4")  # official names
+    head_name = "linear"
+
     def __init__(
         self,
         block: type[BasicResidualSEBlock] | type[BottleneckResidualSEBlock],
@@ -152,38 +155,15 @@ class CifarSEResNet(Backbone):
         width_mult: float = 1.0,
     ):
         super().__init__()
-        if len(num_blocks) != 4:
-            raise ValueError(f"an SE-ResNet has 4 stages, got num_blocks={list(num_blocks)}")
         stem_ch = scale_channels(64, width_mult)
         self.pre = nn.Sequential(_conv(3, stem_ch, 3), nn.BatchNorm2d(stem_ch), nn.ReLU(inplace=True))
 
-        in_ch, reduction, infos = stem_ch, 1, []
-        for index, (planes, blocks, stride) in enumerate(zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2))):
-            mid_ch = scale_channels(planes, width_mult)
-            out_ch = scale_channels(planes * block.expansion, width_mult)
-            layers = []
-            for b in range(blocks):
-                layers.append(block(in_ch, mid_ch, out_ch, stride if b == 0 else 1))
-                in_ch = out_ch
-            self.add_module(f"stage{index + 1}", nn.Sequential(*layers))
-            reduction *= stride
-            infos.append(StageInfo(channels=out_ch, reduction=reduction))
+        widths = lambda planes: (scale_channels(planes, width_mult),  # noqa: E731
+                                 scale_channels(planes * block.expansion, width_mult))
+        self.linear = nn.Linear(add_resnet_stages(self, stem_ch, num_blocks, block, widths), num_classes)
 
-        self.stage_info = tuple(infos)
-        self.num_features = in_ch
-        self.linear = nn.Linear(in_ch, num_classes)
-
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.pre(x)
-        t1 = self.stage1(x)
-        t2 = self.stage2(t1)
-        t3 = self.stage3(t2)
-        t4 = self.stage4(t3)
-        return [t1, t2, t3, t4]
-
-    def forward_head(self, t4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feature = torch.flatten(nn.functional.adaptive_avg_pool2d(t4, 1), 1)
-        return self.linear(feature), feature
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pre(x)
 
 
 @register_backbone("seresnet18")

@@ -66,6 +66,7 @@ class CifarVGG(Backbone):
     """VGG with BN for 32x32 inputs; stages T1..T4 at reductions 4, 8, 16, 32."""
 
     branch_stage = 3  # the auxiliary branches reduce each level to the T3 size (2x2)
+    head_name = "classifier"
 
     def __init__(self, depth: int, num_classes: int, width_mult: float = 1.0):
         super().__init__()
@@ -102,19 +103,9 @@ class CifarVGG(Backbone):
     def init_students(self, students: nn.Module) -> None:
         init_official_vgg(students)
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
-        x = self.maxpool(x)
-        t1 = self.layer1(x)
-        t2 = self.layer2(t1)
-        t3 = self.layer3(t2)
-        t4 = self.layer4(t3)
-        return [t1, t2, t3, t4]
-
-    def forward_head(self, t4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feature = torch.flatten(nn.functional.adaptive_avg_pool2d(t4, 1), 1)
-        return self.classifier(feature), feature
+        return self.maxpool(self.relu(self.bn2(self.conv2(x))))
 
 
 @register_backbone("vgg16")
