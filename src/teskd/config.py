@@ -65,6 +65,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
     deterministic: bool = False
     channels_last: bool = False
+    compile: bool = False  # torch.compile the training and evaluation steps
     progress: bool = True  # tqdm progress bars
     threads: int = 0  # torch CPU threads; 0 = torch's default
 

@@ -75,9 +75,7 @@ class Trainer:
         runtime.seed_everything(tc.seed)
 
         self.data = build_data(cfg.data, self.device, tc.seed)
-        self.method = build_model(cfg, self.data.num_classes).to(self.device)
-        if tc.channels_last:
-            self.method.to(memory_format=torch.channels_last)
+        self.method = runtime.prepare_model(build_model(cfg, self.data.num_classes), tc, self.device)
         o = cfg.optim
         self.optimizer = torch.optim.SGD(self.method.parameters(), lr=o.lr, momentum=o.momentum,
                                          nesterov=o.nesterov, weight_decay=o.weight_decay)
