@@ -153,6 +153,7 @@ class HierarchicalStudents(nn.Module):
         self.width = widths[1] if len(set(widths.values())) == 1 else None
         self.branch_stage = branch_stage
         self.num_classes = num_classes
+        self.fast = True  # use the exact rewrites of students_fast.py in forward()
         lowest = levels[0]  # the shallowest requested level; the path stops there
 
         def level_width(level: int) -> int:  # C_L, with C4 := C3 (the width of S4)
@@ -212,7 +213,19 @@ class HierarchicalStudents(nn.Module):
         """``{"student<L>": (logits, feature)}`` for each requested level, shallowest first.
 
         ``feature`` is the pooled output of the level's auxiliary branch, shape (B, C_L).
+        With ``self.fast`` (the default) an exactly equivalent, faster formulation runs
+        (``students_fast.py``); ``forward_reference`` is the plain one.
         """
+        if self.fast:
+            from teskd.models.students_fast import fast_forward
+
+            if len(stages) != 4:
+                raise TeskdError(f"students expect the 4 stage outputs T1..T4, got {len(stages)} tensors")
+            return fast_forward(self, stages)
+        return self.forward_reference(stages)
+
+    def forward_reference(self, stages: Sequence[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The plain formulation, module by module as in the official code."""
         fused = self.top_down(stages)
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for level in self.levels:

@@ -1,0 +1,86 @@
+"""A faster, exactly equivalent execution of ``HierarchicalStudents`` (same parameters, same function).
+
+Each rewrite is algebra, not an approximation; ``tests/test_students_fast.py`` compares
+outputs and every parameter gradient with the plain reference formulation
+(``HierarchicalStudents.forward_reference``):
+
+1. **Upsample blocks**: bilinear upsampling (a fixed linear map over space) and a bias-free
+   1x1 convolution (a linear map over channels) commute, so ``conv(up(x)) = up(conv(x))``;
+   the convolution runs at the low resolution, r² (4×) fewer multiply-adds. BN then sees the
+   very same upsampled map, so its batch statistics are unchanged.
+2. **Fuse blocks**: with the 1x1 weight split as ``W = [W_a | W_b]`` over the two halves of
+   the concatenation, ``W · cat[U + L, U] = (W_a + W_b) · U + W_a · L``: no 2C-channel
+   concatenation is materialised, nor the ``U + L`` sum.
+3. **Auxiliary branches**: a k×k convolution with stride k sees non-overlapping patches, so
+   it is one matrix product of the (patch, C·k·k) matrix with the weight, instead of a
+   generic strided convolution.
+4. ReLUs run in place (a BN output is not needed by BN's backward).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from teskd.models.students import HierarchicalStudents
+
+
+def _bn_relu(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.relu(bn(x), inplace=True)
+
+
+def _conv_bn_relu(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    return _bn_relu(block[1], block[0](x))
+
+
+def _upsample(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    up, conv, bn = block[0], block[1], block[2]
+    return _bn_relu(bn, up(F.conv2d(x, conv.weight)))  # rewrite 1: 1x1 conv before upsampling
+
+
+def _fuse(block: nn.Sequential, up: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
+    weight = block[0].weight  # (C, 2C, 1, 1) over cat[up + lateral, up]
+    c = up.shape[1]
+    w_a = weight[:, :c]
+    out = F.conv2d(up, w_a + weight[:, c:])  # rewrite 2: no concatenation
+    out = out + F.conv2d(lateral, w_a)
+    return _bn_relu(block[1], out)
+
+
+def patch_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A k×k, stride-k, unpadded convolution as one matrix product over patches (rewrite 3)."""
+    k = conv.kernel_size[0]
+    if k == 1:
+        return conv(x)
+    b, c, h, w = x.shape
+    ho, wo = h // k, w // k
+    patches = (x[:, :, : ho * k, : wo * k].reshape(b, c, ho, k, wo, k)
+               .permute(0, 2, 4, 1, 3, 5).reshape(b * ho * wo, c * k * k))
+    weight = conv.weight.reshape(conv.out_channels, c * k * k)
+    out = torch.addmm(conv.bias, patches, weight.t()) if conv.bias is not None else patches @ weight.t()
+    return out.reshape(b, ho, wo, conv.out_channels).permute(0, 3, 1, 2)
+
+
+def _branch(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    y = _bn_relu(block[1], patch_conv(block[0], x))
+    return _bn_relu(block[4], block[3](y))
+
+
+def fast_forward(students: "HierarchicalStudents",
+                 stages: Sequence[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Same result as ``students.forward_reference(stages)``."""
+    fused: dict[int, torch.Tensor] = {}
+    above = _conv_bn_relu(students.laterals["3"], stages[3])  # S4
+    for level in range(3, students.levels[0] - 1, -1):
+        up = _upsample(students.upsample[str(level - 1)], above)
+        lateral = _conv_bn_relu(students.laterals[str(level - 1)], stages[level - 1])
+        above = fused[level] = _fuse(students.fuse(level), up, lateral)
+    out = {}
+    for level in students.levels:
+        feature = torch.flatten(F.adaptive_avg_pool2d(_branch(students.branch(level), fused[level]), 1), 1)
+        out[f"student{level}"] = (students.head(level)(feature), feature)
+    return out

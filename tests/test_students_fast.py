@@ -1,0 +1,91 @@
+"""The fast students (students_fast.py) compute exactly the reference function: outputs and gradients."""
+
+import copy
+
+import pytest
+import torch
+
+from teskd.config import load_config
+from teskd.engine.trainer import build_model
+from teskd.models.students_fast import patch_conv
+
+
+def _run(method, fast, x, y):
+    m = copy.deepcopy(method)
+    m.students.fast = fast
+    out = m.forward_train(x, y)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    return out, grads, m
+
+
+def assert_same(method, x, y, rtol, atol):
+    ref, g_ref, m_ref = _run(method, False, x, y)
+    fast, g_fast, m_fast = _run(method, True, x, y)
+    assert fast.loss.item() == pytest.approx(ref.loss.item(), rel=rtol, abs=atol)
+    assert ref.logits.keys() == fast.logits.keys()
+    for k in ref.logits:
+        torch.testing.assert_close(fast.logits[k], ref.logits[k], rtol=rtol, atol=atol)
+    assert g_ref.keys() == g_fast.keys()
+    for name, g in g_ref.items():
+        assert (g is None) == (g_fast[name] is None), name
+        if g is not None:  # error relative to the tensor's norm (BN-preceded biases have ~0 gradient)
+            err = (g_fast[name] - g).norm().item()
+            assert err <= rtol * g.norm().item() + atol, (name, err, g.norm().item())
+    # BN running statistics follow the same batch statistics
+    for (name, b_ref), b_fast in zip(m_ref.named_buffers(), m_fast.buffers()):
+        torch.testing.assert_close(b_fast, b_ref, rtol=rtol, atol=atol, msg=name)
+
+
+CASES = [
+    ("resnet18", []),
+    ("resnet50", []),  # bottleneck: C = 2048 x width
+    ("vgg16", []),  # branch kernels 4, 2, 1 (k = 1 takes the plain conv)
+    ("resnext18", []),
+    ("seresnet18", []),
+    ("resnet18", ["method.levels=[2]"]),
+    ("resnet18", ["method.levels=[1, 3]"]),
+    ("resnet18", ["method.student_width={1: 8, 2: 24, 3: 16}", "method.feature_loss=false"]),
+]
+
+
+@pytest.mark.parametrize("arch, extra", CASES)
+def test_fast_equals_reference_float64(arch, extra):
+    torch.manual_seed(0)
+    cfg = load_config(None, [f"model.arch={arch}", "model.width_mult=0.125", *extra])
+    method = build_model(cfg, 10).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (6,), generator=g)
+    assert_same(method, x, y, rtol=1e-9, atol=1e-12)
+
+
+def test_fast_equals_reference_float32_and_channels_last():
+    torch.manual_seed(0)
+    method = build_model(load_config(None, ["model.width_mult=0.25"]), 100)
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.randint(0, 100, (8,))
+    # float32 sums in another order (the float64 tests above prove exactness); BN over a batch of 8
+    # amplifies rounding, so agreement is to ~1e-3 of each gradient's norm
+    assert_same(method, x, y, rtol=5e-3, atol=1e-6)
+    method = method.to(memory_format=torch.channels_last)
+    assert_same(method, x.contiguous(memory_format=torch.channels_last), y, rtol=5e-3, atol=1e-6)
+
+
+def test_eval_mode_outputs_match():
+    torch.manual_seed(0)
+    method = build_model(load_config(None, ["model.width_mult=0.125"]), 10).double().eval()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    method.students.fast = False
+    ref = method.forward_eval(x)
+    method.students.fast = True
+    fast = method.forward_eval(x)
+    for k in ref:
+        torch.testing.assert_close(fast[k], ref[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("k, size", [(2, 8), (4, 16), (8, 32), (4, 18)])
+def test_patch_conv_is_the_strided_convolution(k, size):
+    conv = torch.nn.Conv2d(5, 7, kernel_size=k, stride=k).double()
+    x = torch.randn(3, 5, size, size, dtype=torch.float64)
+    torch.testing.assert_close(patch_conv(conv, x), conv(x), rtol=1e-12, atol=1e-12)
