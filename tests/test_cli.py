@@ -26,6 +26,9 @@ def test_info_exact_parameter_counts(capsys):
     assert info["params_train"] == 37_050_832 and info["params_deploy"] == 11_220_132
     assert info["macs_deploy"] == pytest.approx(0.555e9, rel=0.01)
     assert info["macs_train"] == pytest.approx(0.555e9 + 1.49e9, rel=0.01)
+    # the fast students run the three top-down 1x1 convs (512x512) at a quarter of the pixels:
+    # 8x8, 16x16, 32x32 -> 4x4, 8x8, 16x16
+    assert info["macs_train"] - info["macs_train_executed"] == 512 * 512 * (64 + 256 + 1024) * 3 // 4
     code, out, _ = run_cli(capsys, "info", str(REPO / "configs/cifar100/resnet18_ce.yaml"), "--json")
     info = json.loads(out)
     assert info["params_train"] == info["params_deploy"] == 11_220_132

@@ -89,3 +89,39 @@ def test_patch_conv_is_the_strided_convolution(k, size):
     conv = torch.nn.Conv2d(5, 7, kernel_size=k, stride=k).double()
     x = torch.randn(3, 5, size, size, dtype=torch.float64)
     torch.testing.assert_close(patch_conv(conv, x), conv(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k, size", [(2, 8), (8, 32)])
+def test_patch_conv_channels_last(k, size):
+    conv = torch.nn.Conv2d(5, 7, kernel_size=k, stride=k).double()
+    x = torch.randn(3, 5, size, size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(patch_conv(conv, x), conv(x), rtol=1e-12, atol=1e-12)
+
+
+def test_checkpointed_students_give_the_same_step_with_less_saved_memory():
+    from teskd.bench import activation_bytes
+
+    torch.manual_seed(0)
+    plain = build_model(load_config(None, ["model.width_mult=0.125"]), 10).double()
+    ckpt = copy.deepcopy(plain)
+    ckpt.params.checkpoint_students = True
+    x = torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, 10, (6,))
+    outs = []
+    for m in (plain, ckpt):
+        out = m.forward_train(x, y)
+        out.loss.backward()
+        outs.append(out)
+    assert outs[1].loss.item() == pytest.approx(outs[0].loss.item(), rel=1e-12)
+    for (name, p1), p2 in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-9, atol=1e-12, msg=name)
+    # BN running statistics are updated once, not again by the recomputation
+    for (name, b1), b2 in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(b2, b1, rtol=1e-12, atol=1e-12, msg=name)
+    dev = torch.device("cpu")
+    assert activation_bytes(ckpt, x, y, dev, None) < 0.6 * activation_bytes(plain, x, y, dev, None)
+
+
+def test_reference_switch_from_config():
+    method = build_model(load_config(None, ["model.width_mult=0.125", "method.fast_students=false"]), 10)
+    assert method.students.fast is False

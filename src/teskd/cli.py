@@ -1,4 +1,4 @@
-"""Command line: ``teskd train | eval | info | import-official | report``."""
+"""Command line: ``teskd train | eval | info | import-official | report | bench``."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def _cmd_info(args) -> int:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
-            print(f"{key:<16} {value:,}" if isinstance(value, int) else f"{key:<16} {value}")
+            print(f"{key:<20} {value:,}" if isinstance(value, int) else f"{key:<20} {value}")
     return 0
 
 
@@ -82,6 +82,17 @@ def _cmd_import(args) -> int:
 
     out = import_official(Path(args.state_dict), args.arch, Path(args.out), args.overrides)
     print(f"imported {args.state_dict} ({args.arch}) -> {out}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from teskd.bench import format_bench, run_bench
+    from teskd.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_bench(cfg, steps=args.steps, warmup=args.warmup, inference=args.inference,
+                       memory=not args.no_memory)
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 
 
@@ -127,6 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory (eval/resume-able), a .pt checkpoint, or a teacher .safetensors")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. data.dataset=cifar10)")
     p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("bench", help="time training steps of the method against the ce baseline")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.width_mult=0.25")
+    p.add_argument("--steps", type=int, default=10, help="timed steps of each model (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each model first (default 3)")
+    p.add_argument("--inference", action="store_true",
+                   help="also time the deployed teacher's inference against a plain backbone")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("report", help="compare finished runs in a table")
     p.add_argument("runs", nargs="+", help="run directories")

@@ -9,10 +9,12 @@ Loss (official code, spec section 3), with teacher logits z_t and student logits
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from teskd.config import MethodParams
 from teskd.errors import TeskdError
@@ -43,6 +45,10 @@ class TeskdParams(MethodParams):
     # None: the faithful single C = last stage's channels; an int: one width for all;
     # a mapping {1: C1, 2: C2, 3: C3}: a width per level (all three levels)
     student_width: int | dict[int, int] | None = None
+    fast_students: bool = True  # exact faster formulation of the students (students_fast.py)
+    # recompute the students' activations in the backward pass instead of keeping them (less memory,
+    # ~one extra students forward per step); results are unchanged, BN running statistics included
+    checkpoint_students: bool = False
 
     def validate(self) -> None:
         if self.temperature <= 0:
@@ -76,6 +82,22 @@ class TeskdParams(MethodParams):
             raise TeskdError(f"method.student_width must be >= 1, got {self.student_width}")
 
 
+@contextmanager
+def restore_bn_buffers(module: torch.nn.Module):
+    """Undo the BN running-statistics update of a checkpointed segment's recomputation.
+
+    The forward already updated them once; recomputing in backward would update them again.
+    """
+    saved = [(b, b.clone()) for name, b in module.named_buffers() if name.rsplit(".", 1)[-1] in
+             ("running_mean", "running_var", "num_batches_tracked")]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
 @register_method
 class TESKD(Method):
     name = "teskd"
@@ -88,6 +110,7 @@ class TESKD(Method):
                                              levels=tuple(sorted(params.levels)),
                                              branch_stage=backbone.branch_stage)
         backbone.init_students(self.students)
+        self.students.fast = params.fast_students
         self.use_feature_loss = params.feature_loss and params.feat_weight > 0
         if self.use_feature_loss:
             wrong = {lvl: self.students.widths[lvl] for lvl in params.levels
@@ -100,7 +123,11 @@ class TESKD(Method):
     def _branches(self, images: torch.Tensor):
         stages = self.backbone.forward_stages(images)
         logits_t, feat_t = self.backbone.forward_head(stages[-1])
-        students = self.students(stages)
+        if self.params.checkpoint_students and self.training and torch.is_grad_enabled():
+            students = checkpoint(self.students, stages, use_reentrant=False,
+                                  context_fn=lambda: (nullcontext(), restore_bn_buffers(self.students)))
+        else:
+            students = self.students(stages)
         return logits_t, feat_t, students
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:

@@ -47,7 +47,7 @@ def _fuse(block: nn.Sequential, up: torch.Tensor, lateral: torch.Tensor) -> torc
     c = up.shape[1]
     w_a = weight[:, :c]
     out = F.conv2d(up, w_a + weight[:, c:])  # rewrite 2: no concatenation
-    out = out + F.conv2d(lateral, w_a)
+    out.add_(F.conv2d(lateral, w_a))  # in place: a conv's backward does not need its output
     return _bn_relu(block[1], out)
 
 
@@ -58,11 +58,17 @@ def patch_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         return conv(x)
     b, c, h, w = x.shape
     ho, wo = h // k, w // k
-    patches = (x[:, :, : ho * k, : wo * k].reshape(b, c, ho, k, wo, k)
-               .permute(0, 2, 4, 1, 3, 5).reshape(b * ho * wo, c * k * k))
-    weight = conv.weight.reshape(conv.out_channels, c * k * k)
+    x = x[:, :, : ho * k, : wo * k]
+    if x.is_contiguous(memory_format=torch.channels_last):
+        # (b, h, w, c) in memory: order each patch as (row, col, channel) so the copy moves
+        # contiguous runs of k*c values, and order the weight the same way
+        patches = x.permute(0, 2, 3, 1).reshape(b, ho, k, wo, k, c).transpose(2, 3).reshape(b * ho * wo, k * k * c)
+        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, k * k * c)
+    else:
+        patches = x.reshape(b, c, ho, k, wo, k).permute(0, 2, 4, 1, 3, 5).reshape(b * ho * wo, c * k * k)
+        weight = conv.weight.reshape(conv.out_channels, c * k * k)
     out = torch.addmm(conv.bias, patches, weight.t()) if conv.bias is not None else patches @ weight.t()
-    return out.reshape(b, ho, wo, conv.out_channels).permute(0, 3, 1, 2)
+    return out.reshape(b, ho, wo, conv.out_channels).permute(0, 3, 1, 2)  # channels-last memory
 
 
 def _branch(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
