@@ -60,37 +60,23 @@ def model_info(cfg: Config) -> dict:
     from teskd.data.registry import get_dataset_spec
     from teskd.engine.trainer import build_model
     from teskd.models import count_macs, count_params
+    from teskd.models.complexity import executed_macs
 
     spec = get_dataset_spec(cfg.data.dataset)
     with torch.device("meta"):  # shapes only: no memory, no compute, instant even for 435M parameters
         method = build_model(cfg, spec.num_classes)
     shape = (1, 3, spec.image_size, spec.image_size)
-    students = getattr(method, "students", None)
-    fast = students is not None and students.fast
-    if fast:
-        students.fast = False  # macs_train: the model's own arithmetic (module by module, as the paper counts)
+    forward = lambda m, x: m.forward_eval(x)  # noqa: E731  (all branches)
     info = {
         "arch": cfg.model.arch,
         "method": cfg.method.name,
         "num_classes": spec.num_classes,
         "params_train": count_params(method),
         "params_deploy": count_params(method.deploy_module),
-        "macs_train": count_macs(method, shape, forward=lambda m, x: m.forward_eval(x)),
+        "macs_train": count_macs(method, shape, forward=forward),
         "macs_deploy": count_macs(method.deploy_module, shape),
     }
-    if fast:
-        students.fast = True
-        info["macs_train_executed"] = executed_macs(method, shape)  # after the exact rewrites
+    executed = executed_macs(method, shape, forward=forward)
+    if executed != info["macs_train"]:
+        info["macs_train_executed"] = executed  # after the exact rewrites of the fast students
     return info
-
-
-def executed_macs(method, shape) -> int:
-    """Multiply-adds the forward actually runs (convolutions and matrix products, counted by ATen op)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = method.training
-    method.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        method.forward_eval(torch.zeros(shape, device=next(method.parameters()).device))
-    method.train(was_training)
-    return counter.get_total_flops() // 2
