@@ -23,7 +23,8 @@ def _cmd_train(args) -> int:
             args.config = None
         if args.config is not None:
             raise TeskdError("with --resume the config comes from RUN_DIR/config.yaml; pass only key=value overrides")
-        if not (run_dir / "checkpoints" / "last.pt").is_file():
+        ckpts = run_dir / "checkpoints"
+        if not (ckpts / "last.pt").is_file() and not (ckpts / "last.prev.pt").is_file():
             raise TeskdError(f"cannot resume: {run_dir / 'checkpoints' / 'last.pt'} does not exist")
         data = _read_yaml(run_dir / "config.yaml")
         for text in args.overrides:
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -66,6 +66,7 @@ class TrainConfig:
     deterministic: bool = False
     channels_last: bool = False
     compile: bool = False  # torch.compile the training and evaluation steps
+    checkpoint_every: int = 0  # also save checkpoints/last.pt every N steps within an epoch (0: epoch ends only)
     progress: bool = True  # tqdm progress bars
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
@@ -305,6 +306,7 @@ def validate(cfg: Config) -> None:
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
            f"train.device must be auto, cpu or cuda[:N], got {t.device!r}")
     _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+    _check(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}")
     validate_method = getattr(cfg.method, "validate", None)
     if validate_method is not None:
         validate_method()

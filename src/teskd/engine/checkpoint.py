@@ -1,7 +1,22 @@
-"""Checkpoint files: written atomically, read without executing code from the file."""
+"""Checkpoint files: atomic, self-checking, read without executing code from the file.
+
+Writing ``last.pt``:
+
+1. the state is serialised to a temporary file in the same folder while its SHA-256 is
+   computed, then flushed and fsynced;
+2. the current ``last.pt`` (and its digest file) is kept as ``last.prev.pt``;
+3. the temporary file is renamed to ``last.pt`` and ``last.pt.sha256`` is written (also
+   atomically).
+
+A crash, a kill or a full disk at any point leaves a loadable previous checkpoint. Reading
+verifies the digest when the digest file is there, then loads with
+``torch.load(weights_only=True)``. ``load_latest`` falls back to ``last.prev.pt`` when
+``last.pt`` is missing, truncated or fails its checksum.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -12,31 +27,79 @@ import torch
 from teskd.errors import TeskdError
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+class _HashingWriter:
+    """A file wrapper that hashes what is written through it."""
 
-    A crash or a full disk leaves the previous checkpoint untouched.
-    """
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def previous_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = True) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            writer = _HashingWriter(f)
+            torch.save(state, writer)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_path(path))
+            if digest_path(path).exists():
+                os.replace(digest_path(path), digest_path(previous_path(path)))
         os.replace(tmp, path)
+        _atomic_write_text(digest_path(path), f"{writer.sha.hexdigest()}  {path.name}\n")
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise TeskdError(f"could not write checkpoint {path}: {exc.strerror or exc}") from None
+            raise TeskdError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
+                             f"the previous checkpoint is unchanged") from None
         raise
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise TeskdError(f"checkpoint not found: {path}")
+    recorded = digest_path(path)
+    if recorded.is_file():
+        expected = recorded.read_text().split()[0] if recorded.read_text().split() else ""
+        if file_sha256(path) != expected:
+            raise TeskdError(f"checkpoint {path} fails its checksum ({recorded.name}): it is truncated or damaged")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, wrong format, disallowed pickled objects...
@@ -45,3 +108,20 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise TeskdError(f"checkpoint {path} is not a teskd checkpoint (missing model/config)")
     return state
+
+
+def load_latest(path: Path) -> tuple[dict[str, Any], Path]:
+    """Load ``path``, or its kept predecessor if ``path`` is damaged; say which was used."""
+    path = Path(path)
+    try:
+        return load_checkpoint(path), path
+    except TeskdError as exc:
+        prev = previous_path(path)
+        if not prev.is_file():
+            raise
+        try:
+            state = load_checkpoint(prev)
+        except TeskdError:
+            raise exc from None
+        print(f"warning: {exc}; using the previous checkpoint {prev}", flush=True)
+        return state, prev

@@ -15,7 +15,10 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,13 +27,42 @@ from teskd import __version__
 from teskd.config import Config, save_config, to_dict
 from teskd.data.pipeline import build_data
 from teskd.engine import runtime
-from teskd.engine.checkpoint import load_checkpoint, save_checkpoint
+from teskd.engine.checkpoint import load_latest, save_checkpoint
 from teskd.engine.evaluate import evaluate
 from teskd.engine.metrics import MetricsLog, progress_interval
 from teskd.engine.schedule import lr_factor
 from teskd.errors import TeskdError
 from teskd.methods import build_method
 from teskd.models import build_backbone, count_params
+
+
+class Interrupted(TeskdError):
+    """Training stopped by SIGTERM/SIGINT after saving a resumable checkpoint."""
+
+    def __init__(self, signal_name: str, epoch: int, step: int, run_dir: Path):
+        self.exit_code = 128 + getattr(signal, signal_name)
+        super().__init__(f"{signal_name} received: stopped at epoch {epoch + 1}, batch {step}, after saving "
+                         f"{run_dir / 'checkpoints' / 'last.pt'}; continue with: teskd train --resume {run_dir}")
+
+
+@contextmanager
+def stop_on_signals(trainer: "Trainer"):
+    """SIGTERM/SIGINT ask the trainer to save and stop after the current step (a second one kills)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        if trainer.stop_signal:  # second signal: stop now
+            raise KeyboardInterrupt
+        trainer.stop_signal = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def build_model(cfg: Config, num_classes: int):
@@ -83,15 +115,19 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.start_epoch = 0  # number of epochs already completed
+        self.resume_progress: dict | None = None  # mid-epoch position of a resumed checkpoint
+        self.stop_signal: str | None = None  # set by SIGTERM/SIGINT: save and stop after this step
         self.best = {"epoch": 0, "score": -1.0}
         self.train_seconds = 0.0
         self.train_images = 0
 
     # --- state -----------------------------------------------------------------------------
 
-    def state_dict(self, epoch: int) -> dict:
+    def state_dict(self, epoch: int, progress: dict | None = None) -> dict:
+        """``epoch``: completed epochs; ``progress``: how far into the next one (mid-epoch saves)."""
         return {
             "model": self.method.state_dict(),
+            "progress": progress,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": epoch,
@@ -111,6 +147,7 @@ class Trainer:
             raise TeskdError(f"checkpoint does not match the configured model "
                              f"({str(exc).splitlines()[0][:160]})") from None
         self.start_epoch = int(state["epoch"])
+        self.resume_progress = state.get("progress")
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.train_images = int(state.get("train_images", 0))
         if "optimizer" not in state:  # imported weights (teskd import-official): start training from them
@@ -125,7 +162,7 @@ class Trainer:
     def run(self) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.resume:
-            self.load_state(load_checkpoint(self.ckpt_dir / "last.pt"))
+            self.load_state(load_latest(self.ckpt_dir / "last.pt")[0])
             self.metrics.truncate_after(self.start_epoch)
         else:
             self.metrics.path.write_text("")
@@ -134,20 +171,27 @@ class Trainer:
         epochs = self.cfg.train.epochs
         if self.start_epoch >= epochs:
             print(f"run already finished {self.start_epoch}/{epochs} epochs; writing artifacts")
-        for epoch in range(self.start_epoch, epochs):
-            record = self.train_one_epoch(epoch)
-            record.update(self.evaluate_epoch())
-            selected = record["val_acc" if self.data.val is not None else "test_acc"]["teacher"]
-            improved = selected > self.best["score"]
-            if improved:
-                self.best = {"epoch": epoch + 1, "score": selected, "test_top1": record["test_acc"]["teacher"]}
-            self.metrics.append(record)
-            state = self.state_dict(epoch + 1)
-            save_checkpoint(state, self.ckpt_dir / "last.pt")
-            if improved:
-                save_checkpoint(state, self.ckpt_dir / "best.pt")
-            self._print_epoch(record)
+        with stop_on_signals(self):
+            for epoch in range(self.start_epoch, epochs):
+                self.run_epoch(epoch)
         return self.finish()
+
+    def run_epoch(self, epoch: int) -> None:
+        progress, self.resume_progress = self.resume_progress, None
+        record = self.train_one_epoch(epoch, progress)
+        record.update(self.evaluate_epoch())
+        selected = record["val_acc" if self.data.val is not None else "test_acc"]["teacher"]
+        improved = selected > self.best["score"]
+        if improved:
+            self.best = {"epoch": epoch + 1, "score": selected, "test_top1": record["test_acc"]["teacher"]}
+        state = self.state_dict(epoch + 1)
+        if improved:
+            save_checkpoint(state, self.ckpt_dir / "best.pt", keep_previous=False)
+        # the metrics line is written after best.pt and before last.pt: a resume truncates lines past
+        # last.pt's epoch, so a crash between the two writes leaves no duplicate or missing line
+        self.metrics.append(record)
+        save_checkpoint(state, self.ckpt_dir / "last.pt")
+        self._print_epoch(record)
 
     def _step_lr(self, epoch: int, step: int, steps: int) -> float:
         lr = self.cfg.optim.lr * lr_factor(self.cfg.schedule, self.cfg.train.epochs, epoch, step, steps)
@@ -155,22 +199,33 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def train_one_epoch(self, epoch: int) -> dict:
+    def train_one_epoch(self, epoch: int, progress: dict | None = None) -> dict:
+        """Train one epoch; ``progress`` (from a mid-epoch checkpoint) resumes it at its step."""
         from tqdm import tqdm
 
         method, loader, tc = self.method, self.data.train, self.cfg.train
         method.train()
         loader.set_epoch(epoch)
         steps = len(loader)
+        p = progress or {"step": 0, "sums": {}, "correct": {}, "seen": 0, "seconds": 0.0}
+        start = int(p["step"])
         check_every = 1 if self.device.type == "cpu" else 25  # GPU: avoid a host sync per step
-        sums: dict[str, torch.Tensor] = {}
-        correct: dict[str, torch.Tensor] = {}
+        # running sums live on the device (float64, exact to restore) and are read at sync points only
+        f64 = dict(dtype=torch.float64, device=self.device)
+        sums = {k: torch.tensor(v, **f64) for k, v in p["sums"].items()}
+        correct = {k: torch.tensor(v, dtype=torch.long, device=self.device) for k, v in p["correct"].items()}
         pending: list[tuple[int, torch.Tensor, dict]] = []
-        seen = 0
-        t0 = time.perf_counter()
-        bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not tc.progress,
-                   dynamic_ncols=True, leave=False, mininterval=progress_interval())
-        for step, (images, labels) in enumerate(bar):
+        seen = int(p["seen"])
+        t0 = time.perf_counter() - float(p["seconds"])
+        lr = self._step_lr(epoch, start, steps)
+
+        def snapshot(step: int) -> dict:  # this epoch's progress after `step` batches, as plain numbers
+            return {"epoch": epoch, "step": step, "seen": seen, "seconds": time.perf_counter() - t0,
+                    "sums": {k: float(v) for k, v in sums.items()}, "correct": {k: int(v) for k, v in correct.items()}}
+
+        bar = tqdm(loader.iter_from(start), initial=start, total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}",
+                   disable=not tc.progress, dynamic_ncols=True, leave=False, mininterval=progress_interval())
+        for step, (images, labels) in enumerate(bar, start=start):
             lr = self._step_lr(epoch, step, steps)
             if tc.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -186,23 +241,29 @@ class Trainer:
             loss = out.loss.detach().float()
             pending.append((step, loss, out.parts))
             for name, value in {"loss": loss, **out.parts}.items():
-                sums[name] = sums.get(name, 0) + value.float() * n
+                sums[name] = sums.get(name, 0) + value.double() * n
             with torch.no_grad():
                 for name, logits in out.logits.items():
                     correct[name] = correct.get(name, 0) + (logits.argmax(1) == labels).sum()
-            if (step + 1) % check_every == 0 or step + 1 == steps:
+            done = step + 1
+            if done % check_every == 0 or done == steps or self.stop_signal:
                 self._check_finite(pending, epoch)
                 pending = []
                 if tc.progress:
                     elapsed = time.perf_counter() - t0
                     bar.set_postfix(loss=f"{float(sums['loss']) / seen:.3f}", lr=f"{lr:.4g}",
-                                    img_s=f"{seen / elapsed:.0f}", refresh=False)
+                                    img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
+            if done < steps and (self.stop_signal or (tc.checkpoint_every and done % tc.checkpoint_every == 0)):
+                save_checkpoint(self.state_dict(epoch, snapshot(done)), self.ckpt_dir / "last.pt")
+                if self.stop_signal:
+                    bar.close()
+                    raise Interrupted(self.stop_signal, epoch, done, self.run_dir)
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        self.train_seconds += seconds
-        self.train_images += seen
+        self.train_seconds += seconds - float(p["seconds"])
+        self.train_images += seen - int(p["seen"])
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(sums["loss"]) / seen}
         for name, value in sums.items():
             if name != "loss":
