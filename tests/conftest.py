@@ -12,3 +12,18 @@ def cifar100_root() -> Path:
     if not (SHARED_CIFAR100 / "train.npz").is_file():
         pytest.skip(f"real CIFAR-100 not found at {SHARED_CIFAR100} (see ../shared/data/README.md)")
     return SHARED_CIFAR100
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """Training runs set process-wide torch switches (threads, deterministic algorithms); undo them
+    after each test so no test depends on which ran before it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = benchmark

@@ -56,6 +56,8 @@ def test_yaml_exponent_without_dot_reads_as_float(tmp_path):
     ("schedule.name=poly", "schedule.name must be 'step' or 'cosine'"),
     ("method.branch_ce_weights={student9: 1.0}", "unknown branch 'student9'"),
     ("train", "is not of the form key=value"),
+    ("optim.lr=.inf", "config key 'optim.lr': expected a finite number, got inf"),
+    ("method.temperature=.nan", "config key 'method.temperature': expected a finite number, got nan"),
 ])
 def test_bad_overrides_have_clear_messages(override, message):
     with pytest.raises(TeskdError) as info:

@@ -58,20 +58,33 @@ def _cli(*args):
     return [sys.executable, "-m", "teskd.cli", *args]
 
 
+def _wait_for_new_checkpoint(proc, path: Path, after: float, timeout: float = 120) -> bool:
+    """Wait until ``path`` is (re)written after time ``after`` while ``proc`` runs."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if path.exists() and path.stat().st_mtime > after:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference_run, tmp_path):
     """Kill a real training process with SIGKILL three times at random moments, resume each time."""
     rng = random.Random(1234)
     run = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    last = run / "checkpoints" / "last.pt"
     kills = resumes = 0
     for attempt in range(8):
-        has_ckpt = (run / "checkpoints" / "last.pt").is_file() or (run / "checkpoints" / "last.prev.pt").is_file()
+        has_ckpt = last.is_file() or (run / "checkpoints" / "last.prev.pt").is_file()
         resumes += has_ckpt
         cmd = (_cli("train", "--resume", str(run)) if has_ckpt
                else _cli("train", CONFIG, *tiny_args(SHARED_CIFAR100), "--out", str(run), "--overwrite"))
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        if kills < 3:
-            time.sleep(rng.uniform(3.0, 9.0))  # start-up (importing torch) takes a few of these seconds
+        started = time.time()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if kills < 3 and _wait_for_new_checkpoint(proc, last, started):
+            # training is under way (it saves after every step): kill at a random moment within a few steps,
+            # which may fall inside a step, a checkpoint write or an evaluation
+            time.sleep(rng.uniform(0.0, 1.5))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
@@ -80,7 +93,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference_run, t
             break
         assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
     assert proc.returncode == 0, err.decode()[-2000:]
-    assert kills >= 1 and resumes >= 1  # killed while training, and resumed from what it had saved
+    assert kills >= 2 and resumes >= 2  # killed while training, and resumed from what it had saved
     assert_same_weights(final_weights(run), final_weights(reference_run))
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]

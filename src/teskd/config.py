@@ -9,6 +9,7 @@ the full dotted key in the message. The ``method`` section's fields depend on
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -152,13 +153,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # no setting of this project means anything at nan or inf
+                raise TeskdError(f"config key {key!r}: expected a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -183,7 +189,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if unknown:
         where = f"{prefix}." if prefix else ""
         valid = ", ".join(f"{where}{k}" for k in fields)
-        raise TeskdError(f"unknown config key {where}{unknown[0]!s}; valid keys here: {valid}")
+        name = str(unknown[0]) if str(unknown[0]).isprintable() else repr(unknown[0])  # keep it on one line
+        raise TeskdError(f"unknown config key {where}{name}; valid keys here: {valid}")
     kwargs = {}
     for name in fields:
         key = f"{prefix}.{name}" if prefix else name
@@ -218,7 +225,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise TeskdError(f"override {text!r} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except Exception:  # YAML errors, and values YAML recognises but cannot build (2001-02-30, !!int x)
         value = raw
     return parts, value
 
@@ -240,8 +247,9 @@ def _read_yaml(path: Path) -> dict:
         raise TeskdError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise TeskdError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # also values YAML recognises but cannot build, deep nesting, bad bytes
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise TeskdError(f"config file {path} is not valid YAML: {detail}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -246,14 +246,15 @@ class Trainer:
                 for name, logits in out.logits.items():
                     correct[name] = correct.get(name, 0) + (logits.argmax(1) == labels).sum()
             done = step + 1
-            if done % check_every == 0 or done == steps or self.stop_signal:
+            save_now = done < steps and (self.stop_signal or (tc.checkpoint_every and done % tc.checkpoint_every == 0))
+            if done % check_every == 0 or done == steps or save_now:  # never save unchecked steps
                 self._check_finite(pending, epoch)
                 pending = []
                 if tc.progress:
                     elapsed = time.perf_counter() - t0
                     bar.set_postfix(loss=f"{float(sums['loss']) / seen:.3f}", lr=f"{lr:.4g}",
                                     img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
-            if done < steps and (self.stop_signal or (tc.checkpoint_every and done % tc.checkpoint_every == 0)):
+            if save_now:
                 save_checkpoint(self.state_dict(epoch, snapshot(done)), self.ckpt_dir / "last.pt")
                 if self.stop_signal:
                     bar.close()
