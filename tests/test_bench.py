@@ -37,7 +37,7 @@ def test_json_keys_and_types(result):
     assert result["steps"] == 2 and result["warmup"] == 1
     assert result["config"] == {"arch": "resnet18", "width_mult": 0.125, "batch_size": 8, "method": "teskd",
                                 "dataset": "cifar100", "image_size": 32, "amp": "off",
-                                "channels_last": False, "compile": False}
+                                "channels_last": True, "compile": False}
 
 
 def test_ratio_and_throughput_follow_the_step_times(result):

@@ -249,3 +249,21 @@ def test_class_count_mismatch_is_refused(reference_run, tmp_path, capsys):
 def test_debug_flag_shows_the_traceback():
     with pytest.raises(Exception, match="unknown config key train.nope"):
         main(["--debug", "info", CONFIG, "train.nope=1"])
+
+
+def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
+    import random as pyrandom
+
+    from teskd.engine.trainer import _rng_state, _set_rng_state
+
+    pyrandom.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    path = tmp_path / "rng.pt"
+    save_checkpoint({"model": {}, "config": {}, "rng": _rng_state()}, path)
+    expected = (pyrandom.random(), np.random.rand(), torch.rand(1).item())
+    pyrandom.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    _set_rng_state(load_checkpoint(path)["rng"])  # loads with weights_only=True
+    assert (pyrandom.random(), np.random.rand(), torch.rand(1).item()) == expected

@@ -60,16 +60,32 @@ def test_fast_equals_reference_float64(arch, extra):
     assert_same(method, x, y, rtol=1e-9, atol=1e-12)
 
 
-def test_fast_equals_reference_float32_and_channels_last():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_is_as_accurate_as_the_reference_in_float32(channels_last):
+    """In float32 both formulations round differently; measured against a float64 computation of the
+    same step, the fast one must be about as accurate as the reference one."""
     torch.manual_seed(0)
     method = build_model(load_config(None, ["model.width_mult=0.25"]), 100)
-    x = torch.randn(8, 3, 32, 32)
-    y = torch.randint(0, 100, (8,))
-    # float32 sums in another order (the float64 tests above prove exactness); BN over a batch of 8
-    # amplifies rounding, so agreement is to ~1e-3 of each gradient's norm
-    assert_same(method, x, y, rtol=5e-3, atol=1e-6)
-    method = method.to(memory_format=torch.channels_last)
-    assert_same(method, x.contiguous(memory_format=torch.channels_last), y, rtol=5e-3, atol=1e-6)
+    # batch 32: with 8 images, BN over a 4x4 map (128 values a channel) can be ill-conditioned enough that
+    # either formulation's float32 rounding gets amplified to percent-level gradient differences
+    x = torch.randn(32, 3, 32, 32)
+    y = torch.randint(0, 100, (32,))
+    exact = _run(method.double(), False, x.double(), y)
+    method = method.float()
+    if channels_last:
+        method = method.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref, fast = _run(method, False, x, y), _run(method, True, x, y)
+
+    def error(run, name):
+        return (run[1][name].double() - exact[1][name]).norm().item()
+
+    for name, g in exact[1].items():
+        if g is None or g.norm() < 1e-6:  # BN-preceded biases: exactly zero gradient in exact arithmetic
+            continue
+        assert error(fast, name) <= 3 * error(ref, name) + 1e-4 * g.norm().item(), name
+    for k in exact[0].logits:
+        assert (fast[0].logits[k].double() - exact[0].logits[k]).abs().max() < 1e-3
 
 
 def test_eval_mode_outputs_match():

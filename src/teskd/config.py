@@ -65,7 +65,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
     deterministic: bool = False
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC memory format: faster convolutions on CPUs and GPUs, same function
     compile: bool = False  # torch.compile the training and evaluation steps
     checkpoint_every: int = 0  # also save checkpoints/last.pt every N steps within an epoch (0: epoch ends only)
     progress: bool = True  # tqdm progress bars
