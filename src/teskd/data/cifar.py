@@ -21,6 +21,7 @@ import torch
 
 from teskd.data.arrays import ImageArrays
 from teskd.errors import TeskdError
+from teskd.fileio import file_digest
 
 # Official archives; module-level so tests can point them at a local file:// archive.
 URLS: dict[str, str] = {
@@ -173,14 +174,6 @@ def _read_pickles(fmt: _Format, folder: Path, train: bool) -> tuple[np.ndarray, 
 # --- download --------------------------------------------------------------------------------
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fetch(url: str, md5: str, dest: Path) -> None:
     """Downloads ``url`` to ``dest`` through a temporary file, verifying its md5."""
     from tqdm import tqdm
@@ -256,7 +249,7 @@ def download_cifar(name: str, root: str | os.PathLike) -> Path:
     except OSError as err:
         raise TeskdError(f"cannot create the data folder {root} ({_one_line(err)})") from err
     archive = root / Path(urllib.parse.urlparse(url).path).name
-    if not (archive.is_file() and _md5(archive) == md5):
+    if not (archive.is_file() and file_digest(archive, "md5") == md5):
         _fetch(url, md5, archive)
     _safe_extract(archive, root)
     return archive

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from teskd.errors import TeskdError
+from teskd.fileio import file_digest
 
 
 class _HashingWriter:
@@ -83,14 +84,6 @@ def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = Tru
         raise
 
 
-def file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -98,7 +91,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     recorded = digest_path(path)
     if recorded.is_file():
         expected = recorded.read_text().split()[0] if recorded.read_text().split() else ""
-        if file_sha256(path) != expected:
+        if file_digest(path) != expected:
             raise TeskdError(f"checkpoint {path} fails its checksum ({recorded.name}): it is truncated or damaged")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
