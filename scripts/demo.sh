@@ -17,4 +17,4 @@ teskd train configs/cifar100/resnet18_ce.yaml "${common[@]}" --out "$out/ce" --o
 teskd train configs/cifar100/resnet18_teskd.yaml "${common[@]}" --out "$out/teskd" --overwrite
 echo
 echo "CE vs TESKD, CIFAR-100, reduced scale (${common[*]}); $(( $(date +%s) - start )) s of training:"
-teskd report "$out/ce" "$out/teskd"
+teskd report "$out/ce" "$out/teskd" --plot "$out/curves.png"

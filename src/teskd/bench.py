@@ -26,7 +26,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import pickle
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,8 @@ import torch
 from teskd.config import Config, from_dict, to_dict
 from teskd.data.augment import BatchAugment
 from teskd.data.registry import get_dataset_spec
-from teskd.engine import runtime
+from teskd.engine import runtime, step
+from teskd.engine.step import make_optimizer
 from teskd.errors import TeskdError
 
 MB = 1024.0 * 1024.0
@@ -76,9 +76,7 @@ class _Trainee:
         runtime.seed_everything(cfg.train.seed)
         self.method = runtime.prepare_model(build_model(cfg, num_classes), cfg.train, device)
         self.method.train()
-        o = cfg.optim
-        self.optimizer = torch.optim.SGD(self.method.parameters(), lr=o.lr, momentum=o.momentum,
-                                         nesterov=o.nesterov, weight_decay=o.weight_decay)
+        self.optimizer = make_optimizer(self.method, cfg.optim)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.device = device
         self.amp_dtype = amp_dtype
@@ -86,13 +84,7 @@ class _Trainee:
 
 def train_step(t: _Trainee, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """One training step exactly as the trainer does it; returns the (detached) loss."""
-    t.optimizer.zero_grad(set_to_none=True)
-    with runtime.autocast(t.device, t.amp_dtype):
-        out = t.method.forward_train(images, labels)
-    t.scaler.scale(out.loss).backward()
-    t.scaler.step(t.optimizer)
-    t.scaler.update()
-    return out.loss.detach()
+    return step.train_step(t.method, t.optimizer, t.scaler, images, labels, t.device, t.amp_dtype).loss.detach()
 
 
 def _timed(fn, device: torch.device) -> float:
@@ -265,8 +257,8 @@ def _memory_probe(cfg: Config, num_classes: int, steps: int = MEMORY_STEPS) -> d
 
 
 def _memory_child() -> None:
-    """Entry point of the CPU memory subprocess: pickled request on stdin, JSON on stdout."""
-    request = pickle.loads(sys.stdin.buffer.read())
+    """Entry point of the CPU memory subprocess: JSON request on stdin, JSON on stdout."""
+    request = json.loads(sys.stdin.read())
     torch.set_num_threads(request["threads"])
     result = _memory_probe(from_dict(request["config"]), request["num_classes"], request["steps"])
     sys.stdout.write(json.dumps(result) + "\n")
@@ -281,7 +273,7 @@ def _memory_subprocess(cfg: Config, num_classes: int, steps: int = MEMORY_STEPS)
     src = os.path.dirname(os.path.dirname(os.path.abspath(teskd.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run([sys.executable, "-c", "from teskd.bench import _memory_child; _memory_child()"],
-                          input=pickle.dumps(request), capture_output=True, env=env)
+                          input=json.dumps(request).encode(), capture_output=True, env=env)
     if proc.returncode != 0:
         lines = proc.stderr.decode(errors="replace").strip().splitlines()
         raise TeskdError(f"memory measurement subprocess failed (exit {proc.returncode}): "

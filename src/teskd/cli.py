@@ -98,9 +98,12 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from teskd.report import summary_table
+    from teskd.report import plot_runs, summary_table
 
-    print(summary_table([Path(p) for p in args.runs]))
+    runs = [Path(p) for p in args.runs]
+    print(summary_table(runs))
+    if args.plot:
+        print(f"curves: {plot_runs(runs, Path(args.plot))}")
     return 0
 
 
@@ -153,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="compare finished runs in a table")
     p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--plot", metavar="PNG", help="also draw the runs' accuracy and loss curves into PNG")
     p.set_defaults(func=_cmd_report)
     return parser
 

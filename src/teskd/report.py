@@ -27,3 +27,42 @@ def summary_table(run_dirs: list[Path]) -> str:
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    from teskd.engine.metrics import MetricsLog
+
+    records = MetricsLog(Path(run_dir) / "metrics.jsonl").read()
+    if not records:
+        raise TeskdError(f"{run_dir} has no metrics.jsonl records (not a run directory, or no finished epoch)")
+    return records
+
+
+def plot_runs(run_dirs: list[Path], out: Path) -> Path:
+    """Training curves of several runs side by side: teacher test top-1, and training loss, per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in run_dirs:
+        records = read_metrics(run)
+        epochs = [r["epoch"] for r in records]
+        label = Path(run).name
+        line, = acc_ax.plot(epochs, [r["test_acc"]["teacher"] for r in records], marker="o", ms=3, label=label)
+        if "val_acc" in records[0]:
+            acc_ax.plot(epochs, [r["val_acc"]["teacher"] for r in records], ls="--", color=line.get_color(),
+                        label=f"{label} (val)")
+        loss_ax.plot(epochs, [r["train_loss"] for r in records], marker="o", ms=3, label=label)
+    acc_ax.set(title="deployed network (teacher): test top-1", xlabel="epoch", ylabel="top-1 (%)")
+    loss_ax.set(title="training loss (all terms)", xlabel="epoch", ylabel="loss")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -32,6 +32,7 @@ from teskd.engine.checkpoint import load_latest, save_checkpoint
 from teskd.engine.evaluate import evaluate
 from teskd.engine.metrics import MetricsLog, progress_interval
 from teskd.engine.schedule import lr_factor
+from teskd.engine.step import make_optimizer, train_step
 from teskd.errors import TeskdError
 from teskd.methods import build_method
 from teskd.models import build_backbone, count_params
@@ -116,9 +117,7 @@ class Trainer:
 
         self.data = build_data(cfg.data, self.device, tc.seed)
         self.method = runtime.prepare_model(build_model(cfg, self.data.num_classes), tc, self.device)
-        o = cfg.optim
-        self.optimizer = torch.optim.SGD(self.method.parameters(), lr=o.lr, momentum=o.momentum,
-                                         nesterov=o.nesterov, weight_decay=o.weight_decay)
+        self.optimizer = make_optimizer(self.method, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -237,12 +236,7 @@ class Trainer:
             lr = self._step_lr(epoch, step, steps)
             if tc.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with runtime.autocast(self.device, self.amp_dtype):
-                out = method.forward_train(images, labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(out.loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            out = train_step(method, self.optimizer, self.scaler, images, labels, self.device, self.amp_dtype)
 
             n = labels.shape[0]
             seen += n
