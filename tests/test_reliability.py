@@ -58,6 +58,23 @@ def _cli(*args):
     return [sys.executable, "-m", "teskd.cli", *args]
 
 
+def hooked_trainer(args, run: Path, hook):
+    """A Trainer whose every training forward passes through ``hook(trainer, call_number, output)``."""
+    from teskd.config import load_config
+    from teskd.engine.trainer import Trainer
+
+    trainer = Trainer(load_config(CONFIG, args), run)
+    original = trainer.method.forward_train
+    calls = {"n": 0}
+
+    def forward_train(images, labels):
+        calls["n"] += 1
+        return hook(trainer, calls["n"], original(images, labels))
+
+    trainer.method.forward_train = forward_train
+    return trainer
+
+
 def _wait_for_new_checkpoint(proc, path: Path, after: float, timeout: float = 120) -> bool:
     """Wait until ``path`` is (re)written after time ``after`` while ``proc`` runs."""
     deadline = time.time() + timeout
@@ -122,23 +139,15 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(reference_run, tmp_path):
 
 
 def test_resume_from_mid_epoch_checkpoint_in_process(reference_run, tmp_path):
-    """A mid-epoch checkpoint (epoch 1, step 3) resumes to the same weights and the same epoch metrics."""
-    from teskd.config import load_config
-    from teskd.engine.trainer import Trainer
-
-    cfg = load_config(CONFIG, tiny_args(SHARED_CIFAR100))
+    """A mid-epoch checkpoint (epoch 2, after batch 4) resumes to the same weights and epoch metrics."""
     run = tmp_path / "mid"
-    trainer = Trainer(cfg, run)
-    calls = {"n": 0}
-    original = trainer.method.forward_train
 
-    def stop_after_three(images, labels):
-        calls["n"] += 1
-        if calls["n"] == 12:  # epoch 2 (8 steps each), during its 4th step
+    def interrupt(trainer, call, out):
+        if call == 12:  # epoch 2 (8 steps each), during its 4th step
             trainer.stop_signal = "SIGINT"
-        return original(images, labels)
+        return out
 
-    trainer.method.forward_train = stop_after_three
+    trainer = hooked_trainer(tiny_args(SHARED_CIFAR100), run, interrupt)
     with pytest.raises(Exception) as info:
         trainer.run()
     assert "SIGINT received: stopped at epoch 2, batch 4" in str(info.value)
@@ -154,23 +163,14 @@ def test_resume_from_mid_epoch_checkpoint_in_process(reference_run, tmp_path):
 
 
 def test_non_finite_loss_stops_with_details_and_keeps_the_checkpoint(tmp_path, cifar100_root):
-    from teskd.config import load_config
-    from teskd.engine.trainer import Trainer
-
-    cfg = load_config(CONFIG, tiny_args(cifar100_root, "train.checkpoint_every=0"))
     run = tmp_path / "nan"
-    trainer = Trainer(cfg, run)
-    calls = {"n": 0}
-    original = trainer.method.forward_train
 
-    def poisoned(images, labels):
-        calls["n"] += 1
-        out = original(images, labels)
-        if calls["n"] == 8 + 3:  # epoch 2, batch index 2
+    def poison(trainer, call, out):
+        if call == 8 + 3:  # epoch 2, batch index 2
             out.loss = out.loss * float("nan")
         return out
 
-    trainer.method.forward_train = poisoned
+    trainer = hooked_trainer(tiny_args(cifar100_root, "train.checkpoint_every=0"), run, poison)
     with pytest.raises(Exception) as info:
         trainer.run()
     message = str(info.value)
