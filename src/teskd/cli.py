@@ -13,7 +13,7 @@ from teskd.errors import TeskdError
 
 
 def _cmd_train(args) -> int:
-    from teskd.config import from_dict, load_config, parse_override, apply_override, _read_yaml
+    from teskd.config import load_config
     from teskd.engine.trainer import Trainer
 
     if args.resume:
@@ -26,10 +26,7 @@ def _cmd_train(args) -> int:
         ckpts = run_dir / "checkpoints"
         if not (ckpts / "last.pt").is_file() and not (ckpts / "last.prev.pt").is_file():
             raise TeskdError(f"cannot resume: {run_dir / 'checkpoints' / 'last.pt'} does not exist")
-        data = _read_yaml(run_dir / "config.yaml")
-        for text in args.overrides:
-            apply_override(data, *parse_override(text))
-        cfg = from_dict(data)
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
     else:
         if args.config is None:
             raise TeskdError("teskd train needs a CONFIG file (or --resume RUN_DIR)")

@@ -8,6 +8,7 @@ the full dotted key in the message. The ``method`` section's fields depend on
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -15,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -206,7 +207,11 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: dict) -> Config:
+def from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
+    """Build and validate a Config from a mapping (a YAML file's, a checkpoint's), after ``key=value`` overrides."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        apply_override(data, *parse_override(text))
     cfg = _build(Config, data, "")
     validate(cfg)
     return cfg
@@ -259,11 +264,7 @@ def _read_yaml(path: Path) -> dict:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or start from defaults), apply ``key=value`` overrides, validate."""
-    data = _read_yaml(Path(path)) if path is not None else {}
-    for text in overrides:
-        parts, value = parse_override(text)
-        apply_override(data, parts, value)
-    return from_dict(data)
+    return from_dict(_read_yaml(Path(path)) if path is not None else {}, overrides)
 
 
 def save_config(cfg: Config, path: Path) -> None:

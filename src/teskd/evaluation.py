@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from teskd.config import Config, apply_override, from_dict, parse_override
+from teskd.config import Config, from_dict
 from teskd.engine import runtime
-from teskd.engine.checkpoint import load_checkpoint
+from teskd.engine.checkpoint import load_checkpoint, load_model_weights
 from teskd.engine.evaluate import evaluate
 from teskd.errors import TeskdError
 
@@ -30,27 +30,20 @@ def evaluate_checkpoint(target: Path, overrides=(), which: str = "last", split: 
 
     path = _resolve_checkpoint(Path(target), which)
     state = load_checkpoint(path)
-    data = dict(state["config"])
-    for text in overrides:
-        apply_override(data, *parse_override(text))
-    cfg: Config = from_dict(data)
+    cfg: Config = from_dict(state["config"], overrides)
     device = runtime.resolve_device(cfg.train.device)
     bundle = build_data(cfg.data, device, cfg.train.seed)
     if bundle.num_classes != state["num_classes"]:
         raise TeskdError(f"checkpoint {path} was trained for {state['num_classes']} classes, "
                          f"but {cfg.data.dataset} has {bundle.num_classes}")
     method = build_model(cfg, bundle.num_classes)
-    try:
-        method.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise TeskdError(f"checkpoint {path} does not match {cfg.model.arch}/{cfg.method.name} "
-                         f"({str(exc).splitlines()[0][:160]})") from None
-    method.to(device)
+    load_model_weights(method, state["model"], f"checkpoint {path} does not match {cfg.model.arch}/{cfg.method.name}")
+    runtime.prepare_model(method, cfg.train, device)
     loader = bundle.test if split == "test" else bundle.val
     if loader is None:
         raise TeskdError("this run has no validation split (data.val_per_class=0); use --split test")
     acc = evaluate(method, loader, device, runtime.resolve_amp(cfg.train.amp, device),
-                   progress=cfg.train.progress, desc=split)
+                   channels_last=cfg.train.channels_last, progress=cfg.train.progress, desc=split)
     return {"checkpoint": str(path), "epoch": state["epoch"], "split": split,
             "images": int(loader.labels.shape[0]), "accuracy": acc}
 

@@ -103,6 +103,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def load_model_weights(method: torch.nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
+    """``method.load_state_dict(weights)``; a mismatch becomes a one-line error starting with ``what``."""
+    try:
+        method.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise TeskdError(f"{what} ({str(exc).splitlines()[0][:160]})") from None
+
+
 def load_latest(path: Path) -> tuple[dict[str, Any], Path]:
     """Load ``path``, or its kept predecessor if ``path`` is damaged; say which was used."""
     path = Path(path)

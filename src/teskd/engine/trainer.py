@@ -28,7 +28,7 @@ from teskd import __version__
 from teskd.config import Config, save_config, to_dict
 from teskd.data.pipeline import build_data
 from teskd.engine import runtime
-from teskd.engine.checkpoint import load_latest, save_checkpoint
+from teskd.engine.checkpoint import load_latest, load_model_weights, save_checkpoint
 from teskd.engine.evaluate import evaluate
 from teskd.engine.metrics import MetricsLog, progress_interval
 from teskd.engine.schedule import lr_factor
@@ -148,11 +148,7 @@ class Trainer:
         }
 
     def load_state(self, state: dict) -> None:
-        try:
-            self.method.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise TeskdError(f"checkpoint does not match the configured model "
-                             f"({str(exc).splitlines()[0][:160]})") from None
+        load_model_weights(self.method, state["model"], "checkpoint does not match the configured model")
         self.start_epoch = int(state["epoch"])
         self.resume_progress = state.get("progress")
         self.train_seconds = float(state.get("train_seconds", 0.0))

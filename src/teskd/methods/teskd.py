@@ -20,6 +20,7 @@ from teskd.config import MethodParams
 from teskd.errors import TeskdError
 from teskd.losses import kd_kl, masked_feature_l2
 from teskd.methods.base import Method, StepOutput, register_method
+from teskd.models.network import default_student_width
 from teskd.models.students import HierarchicalStudents
 
 LEVELS = (1, 2, 3)
@@ -105,7 +106,7 @@ class TESKD(Method):
 
     def __init__(self, backbone, num_classes: int, params: TeskdParams):
         super().__init__(backbone, num_classes, params)
-        width = params.student_width or backbone.stage_info[-1].channels
+        width = params.student_width or default_student_width(backbone)
         self.students = HierarchicalStudents(backbone.stage_info, num_classes, width=width,
                                              levels=tuple(sorted(params.levels)),
                                              branch_stage=backbone.branch_stage)
