@@ -63,11 +63,56 @@ def test_format_bench_is_a_small_table(result):
     assert len(text.splitlines()) < 12
 
 
-def test_ce_against_itself_is_close_to_one():
+def _fake_clock(monkeypatch, step_seconds: dict[str, list[float]]) -> list[str]:
+    """Make bench's timer return ``step_seconds[name]`` for the training steps of model ``name``
+    ("method": the first model built, "ce": the second), in order; the steps themselves still run.
+    Returns the names of the timed steps in the order they ran."""
+    import teskd.bench as bench
+
+    built, ran, order = [], [], []
+    queues = {name: iter(times) for name, times in step_seconds.items()}
+
+    class Recorded(bench._Trainee):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    real_step = bench.train_step
+
+    def step(t, images, labels):
+        ran.append(t)
+        return real_step(t, images, labels)
+
+    def timed(fn, device):
+        ran.clear()
+        fn()
+        if not ran:  # the augmentation or inference timings
+            return 1e-3
+        (t,) = ran
+        name = "method" if t is built[0] else "ce"
+        order.append(name)
+        return next(queues[name])
+
+    monkeypatch.setattr(bench, "_Trainee", Recorded)
+    monkeypatch.setattr(bench, "train_step", step)
+    monkeypatch.setattr(bench, "_timed", timed)
+    return order
+
+
+def test_ce_against_itself_times_both_models_alternately(monkeypatch):
+    """No wall clock: the timer is fabricated, so what is checked is what bench computes from it."""
     cfg = load_config(CE_CONFIG, [*TINY])
+    # per step, "method" takes 3x as long as "ce"; the step times themselves vary 5x
+    ce = [0.010, 0.050, 0.020]
+    order = _fake_clock(monkeypatch, {"method": [3 * t for t in ce], "ce": ce})
     r = run_bench(cfg, steps=3, warmup=1, memory=False, progress=False)
-    assert 0.5 < r["step_time_ratio"] < 2.0
-    assert r["activation_mb"]["method"] == pytest.approx(r["activation_mb"]["ce"])
+    assert order == ["method", "ce", "ce", "method", "method", "ce"]  # each step of both, alternating
+    assert r["steps"] == 3 and r["config"]["method"] == "ce"
+    assert r["step_ms"] == pytest.approx({"method": 60.0, "ce": 20.0})  # medians of the recorded times
+    assert r["images_per_sec"] == pytest.approx({"method": 8 / 0.060, "ce": 8 / 0.020})
+    assert r["step_time_ratio"] == pytest.approx(3.0)  # median per-step ratio and ratio of medians agree here
+    # the same network on the same batch saves the very same tensors
+    assert r["activation_mb"]["method"] == r["activation_mb"]["ce"] > 0
 
 
 def test_ce_config_replaces_only_the_method():

@@ -5,14 +5,20 @@ definition (CIFAR ResNet-18 in ``classification/models/resnet_our.py``), not gen
 from this project's modules, so a naming difference would fail here.
 """
 
+import fractions
 import json
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from teskd.cli import main
-from teskd.official import map_official_key
+from teskd.errors import TeskdError
+from teskd.models import list_backbones
+from teskd.official import map_official_key, read_official
 
 
 def _bn(prefix, c):
@@ -100,6 +106,8 @@ def test_run_directory_output_exports_the_teacher_and_evaluates(official_file, t
     assert set(teacher) == backbone_keys
     for key in backbone_keys:
         assert torch.equal(teacher[key], state[key])
+    # the run's config names its data root absolutely (null in the defaults), as the trainer's runs do
+    assert Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["root"]).is_absolute()
     capsys.readouterr()
     assert main(["eval", str(run), f"data.root={cifar100_root}", "data.test_subset_per_class=1",
                  "train.progress=false", "--json"]) == 0
@@ -134,3 +142,103 @@ def test_mismatches_are_clear_errors(official_file, tmp_path, capsys):
     junk.write_bytes(b"junk")
     assert main(["import-official", str(junk), "--arch", "resnet18", "--out", out]) == 2
     assert f"cannot read {junk}" in capsys.readouterr().err
+
+
+def test_unknown_architecture_is_the_first_complaint(tmp_path, capsys):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"junk")
+    existing = tmp_path / "existing.pt"
+    existing.write_bytes(b"keep")
+    known = ", ".join(list_backbones())
+    assert "resnet18" in known and "vgg16" in known
+    # an unreadable file, an existing --out and a class-count mismatch would all be errors too
+    for path in (junk, tmp_path / "missing.pth"):
+        argv = ["import-official", str(path), "--arch", "resnet99", "--out", str(existing), "data.dataset=cifar10"]
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f"error: unknown architecture 'resnet99'; known: {known}\n"
+    assert existing.read_bytes() == b"keep"
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+GARBAGE = {
+    "junk": b"junk",
+    "text": b"hello world\n" * 10,
+    "plain_pickle": pickle.dumps({"w": 1}, protocol=4),  # torch's message: "Re-running ... weights_only ..."
+    "object": _torch_bytes({"w": fractions.Fraction(1, 3)}),  # likewise
+    "truncated": _torch_bytes({"w": torch.ones(3)})[:200],
+}
+
+
+@pytest.mark.parametrize("name", sorted(GARBAGE))
+def test_garbage_file_is_one_line_and_never_suggests_weights_only(tmp_path, capsys, name):
+    path = tmp_path / f"{name}.pth"
+    path.write_bytes(GARBAGE[name])
+    out = tmp_path / "out.pt"
+    assert main(["import-official", str(path), "--arch", "resnet18", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read {path}: not a PyTorch state dict file, or one that holds objects "
+                          f"other than tensors")
+    assert err.endswith("\n") and "\n" not in err[:-1] and len(err) < 400
+    assert "weights_only" not in err and "weights only" not in err.lower() and "Warning" not in err
+    if name in ("plain_pickle", "object"):  # torch's reason is all about weights_only: left out
+        assert err.endswith("other than tensors\n")
+    if name == "truncated":  # torch's first sentence, when it is a reason
+        assert "(RuntimeError: PytorchStreamReader failed reading zip archive" in err
+    assert not out.exists()
+    with pytest.raises(TeskdError) as info:
+        read_official(path)
+    assert info.value.__cause__ is not None  # torch's exception is kept as the cause (--debug shows it)
+
+
+def test_empty_state_dict_file(tmp_path, capsys):
+    path = tmp_path / "empty.pth"
+    path.write_bytes(b"")
+    assert main(["import-official", str(path), "--arch", "resnet18", "--out", str(tmp_path / "o.pt")]) == 2
+    assert capsys.readouterr().err == f"error: cannot read {path}: the file is empty\n"
+
+
+@pytest.mark.parametrize("name", ["model.pt", "teacher.safetensors", "weights.bin", "run"])
+def test_existing_out_file_is_refused_not_overwritten(tmp_path, capsys, name):
+    junk = tmp_path / "junk.pth"  # refused before the state dict is even read
+    junk.write_bytes(b"junk")
+    out = tmp_path / name
+    out.write_bytes(b"precious")
+    assert main(["import-official", str(junk), "--arch", "resnet18", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: --out {out} already exists; choose a new path\n"
+    assert out.read_bytes() == b"precious"
+
+
+def test_existing_out_directories(tmp_path, capsys):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"junk")
+    odd = tmp_path / "model.pt"  # a folder where a checkpoint file would go
+    odd.mkdir()
+    assert main(["import-official", str(junk), "--arch", "resnet18", "--out", str(odd)]) == 2
+    assert capsys.readouterr().err == f"error: --out {odd} already exists; choose a new path\n"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    assert main(["import-official", str(junk), "--arch", "resnet18", "--out", str(run)]) == 2
+    assert capsys.readouterr().err == f"error: {run} already exists and is not empty; choose a new run directory\n"
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    # an empty run directory is fine: it gets as far as reading the file
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    assert main(["import-official", str(junk), "--arch", "resnet18", "--out", str(empty)]) == 2
+    assert f"cannot read {junk}" in capsys.readouterr().err
+
+
+def test_arch_override_must_agree(official_file, tmp_path, capsys):
+    path, _ = official_file
+    out = tmp_path / "x.pt"
+    assert main(["import-official", str(path), "--arch", "resnet18", "--out", str(out), "model.arch=vgg16"]) == 2
+    assert capsys.readouterr().err == ("error: --arch resnet18 and the override model.arch=vgg16 disagree; "
+                                       "give the architecture with --arch only\n")
+    assert not out.exists()

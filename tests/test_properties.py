@@ -85,6 +85,15 @@ nonneg_int = st.integers(0, 10**6)
 any_int = st.integers(-(2**70), 2**70)
 pos_float = st.floats(min_value=1e-12, max_value=1e12, allow_nan=False, allow_infinity=False).filter(lambda x: x > 0)
 nonneg_float = st.floats(min_value=0.0, max_value=1e12, allow_nan=False, allow_infinity=False)
+# keys validate() bounds (see the MAX_* constants of teskd.config)
+seed_int = st.integers(0, 2**32 - 1)
+padding_int = st.integers(0, 64)
+threads_int = st.integers(0, 4096)
+lr_float = st.floats(min_value=1e-12, max_value=1e3).filter(lambda x: x > 0)
+decay_float = st.floats(min_value=0.0, max_value=1.0)
+# gamma <= 1: with gamma > 1 the peak learning rate lr * gamma ** milestones is bounded too, which
+# depends on lr, milestones and epochs drawn independently (tests/test_config.py covers gamma > 1)
+gamma_float = st.floats(min_value=1e-12, max_value=1.0).filter(lambda x: x > 0)
 unit_float = st.floats(min_value=0.0, max_value=1.0, exclude_max=True, allow_nan=False)
 bools = st.booleans()
 # strings without constraints (model.arch / data.dataset / data.root are free-form in the schema)
@@ -95,8 +104,8 @@ milestones_strategy = st.lists(st.integers(1, 10**5), max_size=6, unique=True).m
 # key -> (value strategy, extra overrides that make the value valid in context)
 TYPED_FIELDS: dict[str, tuple] = {
     "train.epochs": (pos_int, []),
-    "train.seed": (any_int, []),
-    "train.threads": (nonneg_int, []),
+    "train.seed": (seed_int, []),
+    "train.threads": (threads_int, []),
     "train.checkpoint_every": (nonneg_int, []),
     "train.deterministic": (bools, []),
     "train.channels_last": (bools, []),
@@ -106,7 +115,7 @@ TYPED_FIELDS: dict[str, tuple] = {
     "train.device": (st.sampled_from(["auto", "cpu", "cuda", "cuda:0", "cuda:7"]), []),
     "data.batch_size": (pos_int, []),
     "data.eval_batch_size": (pos_int, []),
-    "data.crop_padding": (nonneg_int, []),
+    "data.crop_padding": (padding_int, []),
     "data.val_per_class": (nonneg_int, []),
     "data.subset_per_class": (st.none() | pos_int, []),
     "data.test_subset_per_class": (st.none() | pos_int, []),
@@ -116,13 +125,13 @@ TYPED_FIELDS: dict[str, tuple] = {
     "data.root": (free_text, []),
     "model.arch": (free_text, []),
     "model.width_mult": (pos_float, []),
-    "optim.lr": (pos_float, []),
+    "optim.lr": (lr_float, []),
     "optim.momentum": (unit_float, ["optim.nesterov=false"]),
-    "optim.weight_decay": (nonneg_float, []),
+    "optim.weight_decay": (decay_float, []),
     "optim.nesterov": (bools, []),
     "schedule.name": (st.sampled_from(["step", "cosine"]), []),
     "schedule.milestones": (milestones_strategy, []),
-    "schedule.gamma": (pos_float, []),
+    "schedule.gamma": (gamma_float, []),
     "schedule.warmup_epochs": (nonneg_int, []),
     "method.temperature": (pos_float, []),
     "method.ce_weight": (nonneg_float, []),
@@ -170,11 +179,11 @@ def test_typed_override_yields_exact_value(data, key):
 
 
 @FAST
-@given(key=st.sampled_from(["optim.lr", "model.width_mult", "method.temperature", "schedule.gamma",
-                            "optim.weight_decay", "method.kl_eps"]),
-       value=pos_float)
-def test_float_override_with_python_repr(key, value):
+@given(data=st.data(), key=st.sampled_from(["optim.lr", "model.width_mult", "method.temperature", "schedule.gamma",
+                                            "optim.weight_decay", "method.kl_eps"]))
+def test_float_override_with_python_repr(data, key):
     """``optim.lr=1e-05`` (no dot: a string to YAML 1.1) is still the float 1e-05."""
+    value = data.draw(TYPED_FIELDS[key][0].filter(lambda x: x > 0), label="value")
     cfg = load_config(None, [f"{key}={value!r}"])
     got = get_path(cfg, key)
     assert type(got) is float and got == value
@@ -391,6 +400,20 @@ def test_nan_rejected_method_params(key):
 def test_nonpositive_counts_rejected(key, value):
     err = override_error([f"{key}={value}"])
     assert one_line(err) and key in str(err)
+
+
+@FAST
+@example(seed=2**32 - 1)
+@example(seed=2**32)
+@example(seed=-1)
+@given(seed=any_int)
+def test_seed_range(seed):
+    """numpy's seeding takes [0, 2**32 - 1]; anything else is a config error, not a crash at start."""
+    if 0 <= seed <= 2**32 - 1:
+        assert load_config(None, [f"train.seed={seed}"]).train.seed == seed
+    else:
+        err = override_error([f"train.seed={seed}"])
+        assert one_line(err) and "train.seed must be in [0, 2**32 - 1]" in str(err)
 
 
 @FAST

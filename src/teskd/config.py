@@ -12,6 +12,8 @@ import copy
 import dataclasses
 import math
 import os
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,7 +28,8 @@ from teskd.errors import TeskdError
 @dataclass
 class DataConfig:
     dataset: str = "cifar100"
-    root: str = "${TESKD_DATA:-data}"  # environment variables are expanded at use
+    # null: ${TESKD_DATA:-./data}/<dataset>; ${VAR}, ${VAR:-default} and ~ are expanded (resolve_data_root)
+    root: str | None = None
     download: bool = False
     subset_per_class: int | None = None  # keep the first K training images of each class
     val_per_class: int = 0  # hold out the last K training images of each class for validation
@@ -110,8 +113,57 @@ def method_params_class(name: str) -> type[MethodParams]:
 
     if name not in _METHOD_PARAMS:
         known = ", ".join(sorted(_METHOD_PARAMS))
-        raise TeskdError(f"unknown method.name {name!r}; known methods: {known}")
+        raise TeskdError(f"unknown method.name {_short(name)}; known methods: {known}")
     return _METHOD_PARAMS[name]
+
+
+# --- user values in messages, document size -------------------------------------------------
+
+MAX_SHOWN = 80  # characters of a user value (or key) quoted in an error message
+MAX_NODES = 100_000  # values in a config document, aliases counted each time they are used
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple = 3, 4, 8, 8
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = MAX_SHOWN, 40, MAX_SHOWN
+
+
+def _clip(text: str, limit: int = MAX_SHOWN) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` for an error message: one line, at most ``MAX_SHOWN`` characters, computed
+    without expanding a large (or alias-shared, or self-referencing) value."""
+    if isinstance(value, float):  # repr(1e-4) == '0.0001': exact and short, and reprlib would agree
+        return repr(value)
+    return _clip(_REPR.repr(value))
+
+
+def _short_key(key: str) -> str:
+    """A dotted key for a message: ``repr`` if it would break the line, clipped."""
+    return _clip(key if key.isprintable() else repr(key))
+
+
+def _check_size(data: Any, where: str) -> None:
+    """Reject a document with more than ``MAX_NODES`` values once YAML aliases are expanded.
+
+    A few hundred bytes of nested anchors (``b: &b [*a, *a, ...]``) stand for millions of values
+    (or infinitely many, for an alias inside its own anchor). Loading shares them, but everything
+    that walks the tree (validation, messages, saving) expands them. The walk stops as soon as the
+    count passes the limit, so it never does more than ``MAX_NODES`` steps.
+    """
+    count, stack = 0, [data]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise TeskdError(f"{where} has more than {MAX_NODES:,} values once its YAML aliases (*name) are "
+                             f"expanded; a config needs a few dozen (is it an alias bomb?)")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
 
 
 # --- conversion ------------------------------------------------------------------------------
@@ -136,16 +188,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except TeskdError as exc:
                 errors.append(exc)
-        raise TeskdError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+        raise TeskdError(f"config key {_short_key(key)!r}: expected {_type_name(tp)}, got {_short(value)}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise TeskdError(f"config key {key!r}: expected a list, got {value!r}")
+            raise TeskdError(f"config key {_short_key(key)!r}: expected a list, got {_short(value)}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         key_tp, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise TeskdError(f"config key {key!r}: expected a mapping, got {value!r}")
+            raise TeskdError(f"config key {_short_key(key)!r}: expected a mapping, got {_short(value)}")
         return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
@@ -164,25 +216,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if number is not None:
             if not math.isfinite(number):  # no setting of this project means anything at nan or inf
-                raise TeskdError(f"config key {key!r}: expected a finite number, got {value!r}")
+                raise TeskdError(f"config key {_short_key(key)!r}: expected a finite number, got {_short(value)}")
             return number
     elif tp is str:
         if isinstance(value, str):
             return value
     elif tp is Any:
         return value
-    raise TeskdError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+    raise TeskdError(f"config key {_short_key(key)!r}: expected {_type_name(tp)}, got {_short(value)}")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise TeskdError(f"config section {prefix or '<root>'!r}: expected a mapping, got {data!r}")
+        raise TeskdError(f"config section {_short_key(prefix or '<root>')!r}: expected a mapping, got {_short(data)}")
     if cls is MethodParams:
         name = data.get("name", MethodParams.name)
         if not isinstance(name, str):
-            raise TeskdError(f"config key 'method.name': expected str, got {name!r}")
+            raise TeskdError(f"config key 'method.name': expected str, got {_short(name)}")
         cls = method_params_class(name)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -190,8 +242,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if unknown:
         where = f"{prefix}." if prefix else ""
         valid = ", ".join(f"{where}{k}" for k in fields)
-        name = str(unknown[0]) if str(unknown[0]).isprintable() else repr(unknown[0])  # keep it on one line
-        raise TeskdError(f"unknown config key {where}{name}; valid keys here: {valid}")
+        name = _short_key(str(unknown[0]))  # one line, bounded length
+        raise TeskdError(f"unknown config key {_short_key(where)}{name}; valid keys here: {valid}")
     kwargs = {}
     for name in fields:
         key = f"{prefix}.{name}" if prefix else name
@@ -209,9 +261,12 @@ def to_dict(cfg: Any) -> dict:
 
 def from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
     """Build and validate a Config from a mapping (a YAML file's, a checkpoint's), after ``key=value`` overrides."""
+    _check_size(data, "the config")
     data = copy.deepcopy(data)
     for text in overrides:
         apply_override(data, *parse_override(text))
+    if overrides:  # each value was checked alone; together they can still add up
+        _check_size(data, "the config with its overrides")
     cfg = _build(Config, data, "")
     validate(cfg)
     return cfg
@@ -223,15 +278,16 @@ def from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML (``1e-4`` is a float))."""
     if "=" not in text:
-        raise TeskdError(f"override {text!r} is not of the form key=value (e.g. train.epochs=10)")
+        raise TeskdError(f"override {_short(text)} is not of the form key=value (e.g. train.epochs=10)")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not key.strip() or any(not p for p in parts):
-        raise TeskdError(f"override {text!r} has an empty key")
+        raise TeskdError(f"override {_short(text)} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except Exception:  # YAML errors, and values YAML recognises but cannot build (2001-02-30, !!int x)
         value = raw
+    _check_size(value, f"the value of override {_short_key(key.strip())}")
     return parts, value
 
 
@@ -242,7 +298,8 @@ def apply_override(data: dict, parts: list[str], value: Any) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise TeskdError(f"override key {'.'.join(parts)!r}: {'.'.join(parts[: i + 1])!r} is not a section")
+            raise TeskdError(f"override key {_short_key('.'.join(parts))!r}: "
+                             f"{_short_key('.'.join(parts[: i + 1]))!r} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -254,11 +311,13 @@ def _read_yaml(path: Path) -> dict:
         data = yaml.safe_load(path.read_text())
     except Exception as exc:  # also values YAML recognises but cannot build, deep nesting, bad bytes
         detail = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise TeskdError(f"config file {path} is not valid YAML: {detail}") from None
-    if data is None:
-        return {}
+        raise TeskdError(f"config file {path} is not valid YAML: {_clip(detail, 200)}") from exc
+    if data is None:  # an empty file, only comments, or a bare `null`: most likely not what was meant
+        raise TeskdError(f"config file {path} is empty (no settings, only comments or null); put settings "
+                         f"in it, or give no config file to start from the defaults")
     if not isinstance(data, dict):
-        raise TeskdError(f"config file {path} must hold a mapping at the top level")
+        raise TeskdError(f"config file {path} must hold a mapping at the top level, got {_short(data)}")
+    _check_size(data, f"config file {path}")
     return data
 
 
@@ -272,8 +331,8 @@ def save_config(cfg: Config, path: Path) -> None:
 
 
 def expand_path(text: str) -> Path:
-    """Expand ``${VAR}``, ``${VAR:-default}`` and ``~`` in a configured path."""
-    import re
+    """Expand ``${VAR}``, ``${VAR:-default}`` and ``~`` in a configured path (an unset or empty
+    ``VAR`` takes the default). The result may be relative."""
 
     def repl(match: re.Match) -> str:
         name, default = match.group(1), match.group(3)
@@ -282,7 +341,38 @@ def expand_path(text: str) -> Path:
     return Path(os.path.expanduser(re.sub(r"\$\{(\w+)(:-([^}]*))?\}", repl, text)))
 
 
+DEFAULT_DATA_ROOT = "${TESKD_DATA:-./data}"  # + "/<data.dataset>" when data.root is null
+
+
+def resolve_data_root(data: DataConfig) -> Path:
+    """The absolute directory of ``data``'s dataset: ``data.root`` or, if null,
+    ``${TESKD_DATA:-./data}/<data.dataset>``, expanded (:func:`expand_path`) and made absolute
+    against the current directory (symlinks are kept as they are)."""
+    text = data.root if data.root is not None else f"{DEFAULT_DATA_ROOT}/{data.dataset}"
+    return expand_path(text).absolute()
+
+
 # --- semantic validation ----------------------------------------------------------------------
+
+# Bounds of values that pass the type checks but would crash (or run absurdly) later.
+MAX_SEED = 2**32 - 1  # np.random.seed takes [0, 2**32 - 1] (torch takes < 2**64); one range for all three RNGs
+# A padding beyond the image size only adds crops that are all black, and each batch is padded in memory
+# (BatchAugment: B x 3 x (H + 2p) x (W + 2p) bytes, ~15 TB for p = 100000 at batch 128); 64 is twice the
+# CIFAR image size (a 160x160 padded batch), far past any useful random-crop augmentation.
+MAX_CROP_PADDING = 64
+# SGD casts lr (and weight_decay) to the parameters' float32: torch's `param.add_(grad, alpha=-lr)` raises
+# "value cannot be converted to type float without overflow" above ~3.4e38 (lr=1e308 crashes the first
+# step). Long before that any rate diverges in one step (a clean non-finite-loss error): the largest rates
+# used with SGD (linear scaling to batch 64k: ~25) are far below 1e3, which still leaves room to experiment.
+# The bound is on the peak rate: a step schedule with gamma > 1 multiplies lr at each milestone (and
+# gamma ** k itself overflows a Python float for gamma=1e308, k=2).
+MAX_LR = 1e3
+# The coupled weight decay shrinks the weights by lr * weight_decay each step: 1 is 2000x the paper's 5e-4
+# and already wipes the weights out at lr >= 1; above ~3.4e38 SGD's float32 cast of it crashes.
+MAX_WEIGHT_DECAY = 1.0
+MAX_THREADS = 4096  # torch.set_num_threads overflows at 2**31; no machine has more hardware threads than this
+MAX_CUDA_INDEX = 127  # torch keeps device indices in an int8 ("cuda:99999" becomes cuda:-97)
+_DEVICE = re.compile(r"auto|cpu|cuda(?::(0|[1-9][0-9]{0,2}))?")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -290,32 +380,51 @@ def _check(cond: bool, message: str) -> None:
         raise TeskdError(message)
 
 
+def _peak_lr_log10(o: OptimConfig, s: ScheduleConfig, epochs: int) -> float:
+    """log10 of the largest learning rate the schedule reaches (in logs: gamma ** k may overflow)."""
+    if s.name != "step" or s.gamma <= 1:
+        return math.log10(o.lr)  # step with gamma <= 1, cosine and warm-up factors are all <= 1
+    reached = sum(1 for m in s.milestones if m < epochs)  # 0-based epoch e uses gamma ** #(m <= e)
+    return math.log10(o.lr) + reached * math.log10(s.gamma)
+
+
 def validate(cfg: Config) -> None:
     d, t, o, s = cfg.data, cfg.train, cfg.optim, cfg.schedule
-    _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
-    _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
-    _check(d.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {d.eval_batch_size}")
+    v = _short
+    _check(t.epochs >= 1, f"train.epochs must be >= 1, got {v(t.epochs)}")
+    _check(0 <= t.seed <= MAX_SEED, f"train.seed must be in [0, 2**32 - 1] (numpy's seed range), got {v(t.seed)}")
+    _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {v(d.batch_size)}")
+    _check(d.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {v(d.eval_batch_size)}")
     _check(d.subset_per_class is None or d.subset_per_class >= 1,
-           f"data.subset_per_class must be >= 1 (or null for all), got {d.subset_per_class}")
+           f"data.subset_per_class must be >= 1 (or null for all), got {v(d.subset_per_class)}")
     _check(d.test_subset_per_class is None or d.test_subset_per_class >= 1,
-           f"data.test_subset_per_class must be >= 1 (or null for all), got {d.test_subset_per_class}")
-    _check(d.val_per_class >= 0, f"data.val_per_class must be >= 0, got {d.val_per_class}")
-    _check(d.crop_padding >= 0, f"data.crop_padding must be >= 0, got {d.crop_padding}")
-    _check(cfg.model.width_mult > 0, f"model.width_mult must be > 0, got {cfg.model.width_mult}")
-    _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-    _check(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
-    _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+           f"data.test_subset_per_class must be >= 1 (or null for all), got {v(d.test_subset_per_class)}")
+    _check(d.val_per_class >= 0, f"data.val_per_class must be >= 0, got {v(d.val_per_class)}")
+    _check(0 <= d.crop_padding <= MAX_CROP_PADDING,
+           f"data.crop_padding must be in [0, {MAX_CROP_PADDING}] (pixels of zero padding before the random "
+           f"crop), got {v(d.crop_padding)}")
+    _check(cfg.model.width_mult > 0, f"model.width_mult must be > 0, got {v(cfg.model.width_mult)}")
+    _check(0 < o.lr <= MAX_LR, f"optim.lr must be > 0 and <= {MAX_LR:g}, got {v(o.lr)}")
+    _check(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {v(o.momentum)}")
+    _check(0 <= o.weight_decay <= MAX_WEIGHT_DECAY,
+           f"optim.weight_decay must be in [0, {MAX_WEIGHT_DECAY:g}], got {v(o.weight_decay)}")
     _check(not o.nesterov or o.momentum > 0, "optim.nesterov=true needs optim.momentum > 0")
-    _check(s.name in ("step", "cosine"), f"schedule.name must be 'step' or 'cosine', got {s.name!r}")
-    _check(s.gamma > 0, f"schedule.gamma must be > 0, got {s.gamma}")
-    _check(s.warmup_epochs >= 0, f"schedule.warmup_epochs must be >= 0, got {s.warmup_epochs}")
+    _check(s.name in ("step", "cosine"), f"schedule.name must be 'step' or 'cosine', got {v(s.name)}")
+    _check(s.gamma > 0, f"schedule.gamma must be > 0, got {v(s.gamma)}")
+    _check(s.warmup_epochs >= 0, f"schedule.warmup_epochs must be >= 0, got {v(s.warmup_epochs)}")
     _check(all(m >= 1 for m in s.milestones) and s.milestones == sorted(s.milestones),
-           f"schedule.milestones must be increasing epochs >= 1, got {s.milestones}")
-    _check(t.amp in ("auto", "off", "bf16", "fp16"), f"train.amp must be auto, off, bf16 or fp16, got {t.amp!r}")
-    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
-           f"train.device must be auto, cpu or cuda[:N], got {t.device!r}")
-    _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
-    _check(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}")
+           f"schedule.milestones must be increasing epochs >= 1, got {v(s.milestones)}")
+    peak = _peak_lr_log10(o, s, t.epochs)
+    _check(peak <= math.log10(MAX_LR),
+           f"schedule.gamma={v(s.gamma)} > 1 raises the learning rate at each milestone before train.epochs, "
+           f"to about 1e{peak:.0f} (optim.lr * gamma ** milestones); the peak must be <= {MAX_LR:g}")
+    _check(t.amp in ("auto", "off", "bf16", "fp16"), f"train.amp must be auto, off, bf16 or fp16, got {v(t.amp)}")
+    match = _DEVICE.fullmatch(t.device)
+    _check(match is not None and int(match.group(1) or 0) <= MAX_CUDA_INDEX,
+           f"train.device must be auto, cpu, cuda or cuda:N (N in 0..{MAX_CUDA_INDEX}), got {v(t.device)}")
+    _check(0 <= t.threads <= MAX_THREADS,
+           f"train.threads must be in [0, {MAX_THREADS}] (0: torch's default), got {v(t.threads)}")
+    _check(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {v(t.checkpoint_every)}")
     validate_method = getattr(cfg.method, "validate", None)
     if validate_method is not None:
         validate_method()

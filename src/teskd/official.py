@@ -19,6 +19,7 @@ A ``module.`` prefix (DataParallel/DDP) and a ``{"state_dict": ...}`` or
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,19 +44,36 @@ def map_official_key(key: str) -> str:
     return f"students.{key}" if key.split(".", 1)[0] in STUDENT_MODULES else f"backbone.{key}"
 
 
+def _load_failure_reason(exc: BaseException) -> str | None:
+    """The first sentence of torch.load's error, or None where it is empty or tells to load with
+    ``weights_only=False`` (which runs any code the file holds: never advise it for a downloaded file)."""
+    text = " ".join(str(exc).split())
+    if not text or "weights_only" in text or "weights only" in text.lower():
+        return None
+    sentence = text.split(". ", 1)[0].rstrip(".")
+    if len(sentence) > 160:
+        sentence = sentence[:157] + "..."
+    return f"{type(exc).__name__}: {sentence}"
+
+
 def read_official(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise TeskdError(f"official state dict not found: {path}")
+    if path.stat().st_size == 0:
+        raise TeskdError(f"cannot read {path}: the file is empty")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise before the one-line error
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise TeskdError(f"cannot read {path} as a PyTorch state dict ({detail})") from None
+        reason = _load_failure_reason(exc)
+        raise TeskdError(f"cannot read {path}: not a PyTorch state dict file, or one that holds objects other "
+                         f"than tensors" + (f" ({reason})" if reason else "")) from exc
     try:
         return _unwrap(obj)
     except TeskdError as exc:
-        raise TeskdError(f"{path}: {exc}") from None
+        raise TeskdError(f"{path}: {exc}") from exc
 
 
 def infer_num_classes(state: dict[str, torch.Tensor]) -> int:
@@ -86,16 +104,54 @@ def convert(state: dict[str, torch.Tensor], method) -> dict[str, torch.Tensor]:
     return {k: v.to(target[k].dtype) for k, v in mapped.items()}
 
 
+def _shown(text: str) -> str:
+    """A user's string for a message: one line, at most 80 characters."""
+    text = text if text.isprintable() else repr(text)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_arch(arch: str) -> None:
+    from teskd.models import list_backbones
+
+    known = list_backbones()
+    if arch not in known:
+        raise TeskdError(f"unknown architecture {_shown(arch)!r}; known: {', '.join(known)}")
+
+
+def _is_run_dir_out(out: Path) -> bool:
+    return out.suffix not in (".pt", ".safetensors")
+
+
+def check_out(out: Path) -> None:
+    """Refuse to replace anything: an existing file (whatever its suffix; a dangling link too), an
+    existing ``.pt``/``.safetensors`` path of any kind, or a non-empty directory."""
+    if _is_run_dir_out(out) and out.is_dir():
+        if any(out.iterdir()):
+            raise TeskdError(f"{out} already exists and is not empty; choose a new run directory")
+    elif out.exists() or out.is_symlink():
+        raise TeskdError(f"--out {out} already exists; choose a new path")
+
+
 def import_official(path: Path, arch: str, out: Path, overrides=()) -> Path:
-    """Convert an official state dict; write a run directory, a ``.pt`` checkpoint or a teacher ``.safetensors``."""
+    """Convert an official state dict; write a run directory, a ``.pt`` checkpoint or a teacher ``.safetensors``.
+
+    Nothing existing is replaced: ``out`` must be a new path (or an empty directory, for a run directory).
+    """
     from teskd import __version__
-    from teskd.config import load_config, save_config, to_dict
+    from teskd.config import load_config, resolve_data_root, save_config, to_dict
     from teskd.engine.checkpoint import save_checkpoint
     from teskd.engine.trainer import build_model, export_teacher
 
+    check_arch(arch)  # first: no other message makes sense for an architecture that does not exist
+    out = Path(out)
+    check_out(out)  # before the (slow) reading and converting
     state = read_official(path)
     num_classes = infer_num_classes(state)
     cfg = load_config(None, [f"model.arch={arch}", "method.name=teskd", *overrides])
+    if cfg.model.arch != arch:
+        raise TeskdError(f"--arch {arch} and the override model.arch={_shown(cfg.model.arch)} disagree; give "
+                         f"the architecture with --arch only")
+    cfg.data.root = str(resolve_data_root(cfg.data))  # stored absolute, as the trainer does for its runs
     from teskd.data.registry import get_dataset_spec
 
     if get_dataset_spec(cfg.data.dataset).num_classes != num_classes:
@@ -103,19 +159,21 @@ def import_official(path: Path, arch: str, out: Path, overrides=()) -> Path:
                          f"{get_dataset_spec(cfg.data.dataset).num_classes} classes; set data.dataset")
     method = build_model(cfg, num_classes)
     method.load_state_dict(convert(state, method))
-    out = Path(out)
     checkpoint = {"model": method.state_dict(), "config": to_dict(cfg), "epoch": 0, "num_classes": num_classes,
                   "imported_from": str(path), "teskd_version": __version__}
-    if out.suffix == ".safetensors":
+    check_out(out)  # again: the conversion took a while
+    try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        if _is_run_dir_out(out):
+            out.mkdir(exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+    except OSError as exc:
+        raise TeskdError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    if out.suffix == ".safetensors":
         export_teacher(method, out, cfg, num_classes)
     elif out.suffix == ".pt":
         save_checkpoint(checkpoint, out)
     else:
-        if out.exists() and any(out.iterdir()):
-            raise TeskdError(f"{out} already exists and is not empty; choose a new run directory")
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
         save_checkpoint(checkpoint, out / "checkpoints" / "last.pt")
         export_teacher(method, out / "teacher.safetensors", cfg, num_classes)
     return out
