@@ -4,6 +4,8 @@ and per-class subset / validation splits."""
 from __future__ import annotations
 
 import hashlib
+import importlib
+import math
 import os
 import pickle
 import tarfile
@@ -23,7 +25,9 @@ from teskd.data.arrays import ImageArrays
 from teskd.errors import TeskdError
 from teskd.fileio import file_digest
 
-# Official archives; module-level so tests can point them at a local file:// archive.
+# Official archives; module-level so tests can point them at a local file:// archive. A mirror can
+# be chosen with the environment variable TESKD_CIFAR100_URL / TESKD_CIFAR10_URL (see _archive_url);
+# the MD5 below is checked whatever the URL (TESKD_CIFAR100_MD5 / TESKD_CIFAR10_MD5 replace it, see _archive_md5).
 URLS: dict[str, str] = {
     "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -31,6 +35,28 @@ URLS: dict[str, str] = {
 MD5S: dict[str, str] = {
     "cifar100": "eb9058c3a382ffc7106e4002c42a8d85",
     "cifar10": "c58f30108f718f92721af3b95e74349a",
+}
+
+
+# MD5 digests of the files inside the official archives, for reference only (e.g. to tell by hand
+# whether a folder holds the untouched official files). They are NOT what makes loading safe:
+# hand-made pickles of the same layout are accepted, and every pickle, official or not, is read
+# with the restricted unpickler below.
+OFFICIAL_PICKLE_MD5S: dict[str, dict[str, str]] = {
+    "cifar-100-python": {
+        "train": "16019d7e3df5f24257cddd939b257f8d",
+        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+        "meta": "7973b15100ade9c7d40fb424638fde48",
+    },
+    "cifar-10-batches-py": {
+        "data_batch_1": "c99cafc152244af753f735de768cd75f",
+        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+        "data_batch_4": "634d18415352ddfa80567beed471001a",
+        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+        "test_batch": "40351d587109b95175f43aff81a1287e",
+        "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+    },
 }
 
 
@@ -95,12 +121,57 @@ def _expected_layouts(fmt: _Format, root: Path) -> str:
 # --- readers ---------------------------------------------------------------------------------
 
 
+def _npy_header(fp, member: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the header of an ``.npy`` stream (left just past the header)."""
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+    else:  # (3, 0): a 2.0 header in UTF-8; numpy has no public reader for it
+        read = getattr(np.lib.format, "_read_array_header", None)
+        if read is None:
+            raise ValueError(f"{member}: unsupported .npy format version {version}")
+        shape, _, dtype = read(fp, version)
+    return shape, dtype
+
+
+def _check_npz_sizes(path: Path, keys: tuple[str, ...]) -> None:
+    """Refuses an array whose header claims more data than its zip member holds.
+
+    ``np.load`` allocates the whole array the header describes before reading it, so a
+    tiny file claiming a huge shape would exhaust the memory instead of failing cleanly.
+    """
+    with zipfile.ZipFile(path) as zf:
+        members = {info.filename: info for info in zf.infolist()}
+        for key in keys:
+            for name in (key, f"{key}.npy"):  # np.load looks the key up under both names
+                info = members.get(name)
+                if info is None:
+                    continue
+                with zf.open(info) as fp:
+                    if fp.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+                        continue  # not an array: np.load returns its bytes, rejected later
+                    fp.seek(0)
+                    shape, dtype = _npy_header(fp, name)
+                    header_len = fp.tell()
+                if dtype.hasobject:
+                    continue  # np.load refuses object arrays (allow_pickle=False)
+                claimed = math.prod(shape) * dtype.itemsize
+                available = max(info.file_size - header_len, 0)
+                if claimed > available:
+                    raise TeskdError(f"{path}: array {key} claims shape {tuple(shape)} of {dtype} "
+                                     f"({claimed:,} bytes) but its member {name} holds only {available:,} bytes "
+                                     f"of data; the file is corrupt or was crafted")
+
+
 def _read_npz(path: Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     if not path.is_file():
         other = "test.npz" if train else "train.npz"
         raise TeskdError(f"missing file {path} (found {path.parent / other} but the "
                          f"{'training' if train else 'test'} split is needed too)")
     try:
+        _check_npz_sizes(path, ("x", "y", "classes"))
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("x", "y") if k not in z.files]
             if missing:
@@ -111,6 +182,8 @@ def _read_npz(path: Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[str
             classes = [str(c) for c in z["classes"].tolist()] if "classes" in z.files else None
     except TeskdError:
         raise
+    except MemoryError as err:
+        raise TeskdError(f"cannot read {path}: not enough memory to load it ({_one_line(err)})") from err
     except _READ_ERRORS as err:
         raise TeskdError(f"cannot read {path}: the file is corrupt or truncated ({_one_line(err)})") from err
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (_IMAGE_SIZE, _IMAGE_SIZE, 3):
@@ -119,14 +192,78 @@ def _read_npz(path: Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[str
     return x.transpose(0, 3, 1, 2), y, classes
 
 
+def _numpy_global(submodule: str, name: str):
+    """``numpy._core.<submodule>.<name>`` (numpy 2) or ``numpy.core.<submodule>.<name>`` (numpy 1)."""
+    try:
+        module = importlib.import_module(f"numpy._core.{submodule}")
+    except ImportError:
+        module = importlib.import_module(f"numpy.core.{submodule}")
+    return getattr(module, name)
+
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle asked for something an official CIFAR file never needs; the message says what."""
+
+
+def _latin1_encode(text, encoding="latin1", errors="strict"):
+    """Stands in for ``_codecs.encode``, which Python 3 uses to pickle bytes with protocol < 3."""
+    if encoding not in ("latin1", "latin-1") or errors != "strict" or not isinstance(text, str):
+        shown = " ".join(f"{encoding!r}, {errors!r}".split())[:100]
+        raise _Refused(f"it calls _codecs.encode with {shown} instead of 'latin1'")
+    return text.encode("latin1")
+
+
+# The only globals a CIFAR pickle may import: what numpy (1.x or 2.x) needs to rebuild arrays,
+# dtypes and scalars. The official files (Python 2, protocol 2) use only _reconstruct, ndarray and
+# dtype; scalar (numpy scalars, e.g. labels as np.int64), _frombuffer (arrays with protocol 5, the
+# default from Python 3.14) and _codecs.encode (bytes in protocol < 3 from Python 3) let hand-made
+# files of the same layout load. None of them can reach the file system, a shell or an import.
+_ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_global("multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_global("multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"): lambda: _numpy_global("multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"): lambda: _numpy_global("multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"): lambda: _numpy_global("numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"): lambda: _numpy_global("numeric", "_frombuffer"),
+    ("_codecs", "encode"): lambda: _latin1_encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain Python values and numpy arrays, refusing every other global.
+
+    Unpickling runs whatever callable a file names (a tampered file can ask for
+    ``os.system``); every callable is looked up through :meth:`find_class`, so admitting
+    only the numpy constructors in :data:`_ALLOWED_GLOBALS` keeps a file from running code.
+    """
+
+    def __init__(self, file):
+        super().__init__(file, encoding="bytes")  # the official files were pickled by Python 2
+
+    def find_class(self, module, name):
+        make = _ALLOWED_GLOBALS.get((module, name))
+        if make is None:
+            shown = " ".join(f"{module}.{name}".split())[:200]
+            raise _Refused(f"it asks to import {shown}")
+        return make()
+
+    def persistent_load(self, pid):
+        raise _Refused("it uses a persistent id")
+
+
 def _load_pickle(path: Path) -> dict:
     if not path.is_file():
         raise TeskdError(f"missing file {path} (the official CIFAR python folder {path.parent} is incomplete)")
     try:
-        # Pickle can run code: it is used only for the trusted official CIFAR files,
-        # the format the dataset is distributed in.
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _CifarUnpickler(f).load()
+    except _Refused as err:
+        raise TeskdError(f"refusing to load {path}: {err}, which an official CIFAR pickle never does "
+                         f"(only numpy arrays and plain Python values are allowed)") from err
+    except MemoryError as err:
+        raise TeskdError(f"cannot read {path}: not enough memory to load it ({_one_line(err)})") from err
     except _READ_ERRORS as err:
         raise TeskdError(f"cannot read {path}: the file is corrupt or truncated ({_one_line(err)})") from err
     if not isinstance(obj, dict):
@@ -239,16 +376,39 @@ def _safe_extract(archive: Path, dest: Path) -> None:
                          f"delete it and download again") from err
 
 
+def _archive_url(name: str) -> str:
+    """The archive's URL: ``$TESKD_<NAME>_URL`` (a mirror) when set, else the official one."""
+    override = os.environ.get(f"TESKD_{name.upper()}_URL", "").strip()
+    return override or URLS[name]
+
+
+def _archive_md5(name: str) -> str:
+    """The MD5 the download must have: ``$TESKD_<NAME>_MD5`` (a mirror that repackages the archive, or a
+    test's own archive) when set, else the official one. The pickles inside are read by the restricted
+    unpickler either way, so a different archive can hold different data but cannot run code."""
+    override = os.environ.get(f"TESKD_{name.upper()}_MD5", "").strip().lower()
+    if override and (len(override) != 32 or any(c not in "0123456789abcdef" for c in override)):
+        raise TeskdError(f"TESKD_{name.upper()}_MD5={override[:40]!r} is not an MD5 digest (32 hex digits)")
+    return override or MD5S[name]
+
+
 def download_cifar(name: str, root: str | os.PathLike) -> Path:
-    """Downloads (if needed) and extracts the official archive of ``name`` into ``root``."""
+    """Downloads (if needed) and extracts the archive of ``name`` into ``root``.
+
+    The URL is the official one unless ``TESKD_CIFAR100_URL`` / ``TESKD_CIFAR10_URL`` names a
+    mirror; either way the download must have the official archive's MD5.
+    """
     _format(name)
     root = Path(root)
-    url, md5 = URLS[name], MD5S[name]
+    url, md5 = _archive_url(name), _archive_md5(name)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise TeskdError(f"cannot create the data folder {root} ({_one_line(err)})") from err
-    archive = root / Path(urllib.parse.urlparse(url).path).name
+    archive_name = Path(urllib.parse.urlparse(url).path).name
+    if archive_name in ("", ".", ".."):  # a mirror URL without a file name
+        archive_name = Path(urllib.parse.urlparse(URLS[name]).path).name
+    archive = root / archive_name
     if not (archive.is_file() and file_digest(archive, "md5") == md5):
         _fetch(url, md5, archive)
     _safe_extract(archive, root)
@@ -274,7 +434,8 @@ def load_cifar(name: str, root: str | os.PathLike, train: bool, download: bool =
                              f"set data.download=true to download it, or point data.root at the data")
         download_cifar(name, root)
         if _pickle_dir(fmt, root) is None:
-            raise TeskdError(f"the archive downloaded from {URLS[name]} does not contain {root / fmt.folder}")
+            raise TeskdError(f"the archive downloaded from {_archive_url(name)} does not contain "
+                             f"{root / fmt.folder}")
 
     if _has_npz(root):
         path = root / ("train.npz" if train else "test.npz")

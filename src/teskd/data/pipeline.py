@@ -7,7 +7,7 @@ from functools import partial
 
 import torch
 
-from teskd.config import DataConfig, expand_path
+from teskd.config import DataConfig, resolve_data_root
 from teskd.data.augment import BatchAugment, normalize
 from teskd.data.cifar import first_k_per_class, split_val_per_class
 from teskd.data.loaders import InMemoryLoader
@@ -27,16 +27,30 @@ class DataBundle:
 def load_splits(cfg: DataConfig):
     """The (train, val or None, test) arrays the config describes, on the CPU."""
     spec = get_dataset_spec(cfg.dataset)
-    root = expand_path(cfg.root)
+    root = resolve_data_root(cfg)
     train = spec.load(root, train=True, download=cfg.download)
     test = spec.load(root, train=False, download=False)
+    if len(train) == 0:
+        raise TeskdError(f"the training split of {cfg.dataset} at {root} holds 0 images")
+    if len(test) == 0:
+        raise TeskdError(f"the test split of {cfg.dataset} at {root} holds 0 images; "
+                         f"evaluating the model needs at least one")
     train, val = split_val_per_class(train, cfg.val_per_class)
+    if len(train) == 0:
+        raise TeskdError(f"data.val_per_class={cfg.val_per_class} holds out every training image of "
+                         f"{cfg.dataset} at {root}, leaving none to train on")
+    if val is not None and len(val) == 0:
+        raise TeskdError(f"data.val_per_class={cfg.val_per_class} gives an empty validation split "
+                         f"of {cfg.dataset} at {root}")
     if cfg.subset_per_class is not None:
         train = train.select(first_k_per_class(train.labels, cfg.subset_per_class, spec.num_classes))
+        if len(train) == 0:
+            raise TeskdError(f"data.subset_per_class={cfg.subset_per_class} leaves no training images")
     if cfg.test_subset_per_class is not None:
         test = test.select(first_k_per_class(test.labels, cfg.test_subset_per_class, spec.num_classes))
-    if len(train) == 0:
-        raise TeskdError(f"the training split of {cfg.dataset} at {root} is empty")
+        if len(test) == 0:
+            raise TeskdError(f"data.test_subset_per_class={cfg.test_subset_per_class} leaves no test images; "
+                             f"evaluating the model needs at least one")
     return spec, train, val, test
 
 

@@ -39,8 +39,8 @@ def register_dataset(spec: DatasetSpec, *, replace: bool = False) -> DatasetSpec
 def get_dataset_spec(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
-    except KeyError:
-        raise TeskdError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}") from None
+    except KeyError as err:
+        raise TeskdError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}") from err
 
 
 # The normalisation of the official TESKD code, used for both CIFAR variants.
