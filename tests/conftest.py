@@ -27,3 +27,20 @@ def _restore_torch_globals():
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = benchmark
+
+
+def hooked_trainer(config, args, run: Path, hook, **kwargs):
+    """A Trainer whose every training forward passes through ``hook(trainer, call_number, output)``."""
+    from teskd.config import load_config
+    from teskd.engine.trainer import Trainer
+
+    trainer = Trainer(load_config(config, args), run, **kwargs)
+    original = trainer.method.forward_train
+    calls = {"n": 0}
+
+    def forward_train(images, labels):
+        calls["n"] += 1
+        return hook(trainer, calls["n"], original(images, labels))
+
+    trainer.method.forward_train = forward_train
+    return trainer

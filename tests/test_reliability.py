@@ -20,6 +20,7 @@ from teskd.engine import checkpoint as ckpt_mod
 from teskd.engine.checkpoint import load_checkpoint, load_latest, save_checkpoint
 
 from conftest import REPO, SHARED_CIFAR100
+from conftest import hooked_trainer as conftest_hooked_trainer
 
 CONFIG = str(REPO / "configs" / "cifar100" / "resnet18_teskd.yaml")
 
@@ -59,20 +60,7 @@ def _cli(*args):
 
 
 def hooked_trainer(args, run: Path, hook):
-    """A Trainer whose every training forward passes through ``hook(trainer, call_number, output)``."""
-    from teskd.config import load_config
-    from teskd.engine.trainer import Trainer
-
-    trainer = Trainer(load_config(CONFIG, args), run)
-    original = trainer.method.forward_train
-    calls = {"n": 0}
-
-    def forward_train(images, labels):
-        calls["n"] += 1
-        return hook(trainer, calls["n"], original(images, labels))
-
-    trainer.method.forward_train = forward_train
-    return trainer
+    return conftest_hooked_trainer(CONFIG, args, run, hook)
 
 
 def _wait_for_new_checkpoint(proc, path: Path, after: float, timeout: float = 120) -> bool:
@@ -201,8 +189,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
 def test_checksum_detects_damage_and_resume_falls_back_to_the_previous_checkpoint(tmp_path, capsys):
     path = tmp_path / "last.pt"
-    save_checkpoint({"model": {"w": torch.ones(4)}, "config": {}, "epoch": 1}, path)
-    save_checkpoint({"model": {"w": torch.full((4,), 2.0)}, "config": {}, "epoch": 2}, path)
+    save_checkpoint({"model": {"w": torch.ones(4)}, "config": {}, "epoch": 1, "num_classes": 4}, path)
+    save_checkpoint({"model": {"w": torch.full((4,), 2.0)}, "config": {}, "epoch": 2, "num_classes": 4}, path)
     assert load_checkpoint(path)["epoch"] == 2 and load_checkpoint(ckpt_mod.previous_path(path))["epoch"] == 1
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside the tensor data

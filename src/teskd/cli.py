@@ -4,58 +4,80 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
 
+from teskd import __version__
 from teskd.errors import TeskdError
 
 
 def _cmd_train(args) -> int:
     from teskd.config import load_config
+    from teskd.engine.rundir import RunDir
     from teskd.engine.trainer import Trainer
 
+    run = None
     if args.resume:
-        run_dir = Path(args.resume)
+        run = RunDir(args.resume)
         if args.config is not None and "=" in args.config:  # `teskd train --resume RUN k=v`
             args.overrides.insert(0, args.config)
             args.config = None
-        if args.config is not None:
-            raise TeskdError("with --resume the config comes from RUN_DIR/config.yaml; pass only key=value overrides")
-        ckpts = run_dir / "checkpoints"
-        if not (ckpts / "last.pt").is_file() and not (ckpts / "last.prev.pt").is_file():
-            raise TeskdError(f"cannot resume: {run_dir / 'checkpoints' / 'last.pt'} does not exist")
-        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        if args.overwrite:
+            raise TeskdError("--resume and --overwrite contradict each other; pass one of them")
+        if args.out is not None and Path(args.out) != run.path:
+            raise TeskdError(f"--resume {run.path} and --out {args.out} name different run directories")
+        if run.config.is_file():
+            cfg = load_config(run.config, args.overrides)
+        elif args.config is None:
+            what = "no such run directory" if not run.path.exists() else \
+                f"it has no {run.config.name}, so it is not a teskd run directory"
+            raise TeskdError(f"cannot resume {run.path}: {what} (to start it when it does not exist yet, as a "
+                             f"requeued job does, pass the config too: teskd train CONFIG --resume {run.path})")
+        else:  # `teskd train CONFIG --resume RUN`: idempotent requeue; this run has not written its config yet
+            if run.path.exists() and not run.path.is_dir():
+                raise TeskdError(f"--resume {run.path} is an existing file, not a run directory")
+            if run.foreign_entries():
+                run.check_replaceable()  # raises: never adopt a folder of someone else's files
+            print(f"{run.path} has no {run.config.name} yet: starting it from {args.config}", flush=True)
+            cfg = load_config(args.config, args.overrides)
     else:
         if args.config is None:
             raise TeskdError("teskd train needs a CONFIG file (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.overrides)
         stem = Path(args.config).stem
-        run_dir = Path(args.out) if args.out else Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if run_dir.exists() and any(run_dir.iterdir()):
+        run = RunDir(args.out if args.out else Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if run.path.exists() and not run.path.is_dir():
+            raise TeskdError(f"--out {run.path} is an existing file, not a run directory; choose another --out")
+        if not run.is_empty():
             if not args.overwrite:
-                raise TeskdError(f"run directory {run_dir} already exists and is not empty; "
-                                 f"use --resume {run_dir} to continue it or --overwrite to replace it")
-            shutil.rmtree(run_dir)
-    print(f"run directory: {run_dir}", flush=True)
-    summary = Trainer(cfg, run_dir, resume=bool(args.resume)).run()
+                raise TeskdError(f"run directory {run.path} already exists and is not empty; "
+                                 f"use --resume {run.path} to continue it or --overwrite to replace it")
+            run.check_replaceable()  # a teskd run and nothing else; it is replaced only once the new run starts
+    print(f"run directory: {run.path}", flush=True)
+    trainer = Trainer(cfg, run.path, resume=bool(args.resume), overwrite=bool(args.overwrite))
+    summary = trainer.run()
     print(f"done: teacher top-1 last {summary['teacher_top1_last']:.2f}%, "
           f"best {summary['teacher_top1_best']:.2f}% (epoch {summary['best_epoch']}, "
-          f"selected on {summary['selected_on']}); deployable weights: {run_dir / 'teacher.safetensors'}")
+          f"selected on {summary['selected_on']}); deployable weights: {run.teacher}")
     return 0
 
 
 def _cmd_eval(args) -> int:
-    from teskd.evaluation import evaluate_checkpoint
+    from teskd.evaluation import describe_data, evaluate_target
 
-    result = evaluate_checkpoint(Path(args.target), args.overrides, which=args.checkpoint,
-                                 split=args.split)
+    result = evaluate_target(Path(args.target), args.overrides, which=args.checkpoint,
+                             split=args.split, full=args.full)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['checkpoint']} (epoch {result['epoch']}) on {result['split']} "
-              f"({result['images']} images)")
+        if result["kind"] == "teacher":
+            print(f"deployed teacher {result['checkpoint']} ({result['arch']}, width_mult "
+                  f"{result['width_mult']:g}, {result['num_classes']} classes)")
+        else:
+            print(f"checkpoint {result['checkpoint']} (epoch {result['epoch']}, {result['arch']}/{result['method']})")
+        print(f"evaluated on {describe_data(result)}")
         print(f"{'branch':<20} {'top-1':>7} {'top-5':>7}")
         for name, acc in result["accuracy"].items():
             print(f"{name:<20} {acc['top1']:7.2f} {acc['top5']:7.2f}")
@@ -98,8 +120,8 @@ def _cmd_report(args) -> int:
     from teskd.report import plot_runs, summary_table
 
     runs = [Path(p) for p in args.runs]
-    print(summary_table(runs))
-    if args.plot:
+    print(summary_table(runs), flush=True)
+    if args.plot:  # a path without .png gets it appended: the line says the file actually written
         print(f"curves: {plot_runs(runs, Path(args.plot))}")
     return 0
 
@@ -107,22 +129,27 @@ def _cmd_report(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="teskd", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"teskd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (TESKD or a baseline)")
     p.add_argument("config", nargs="?", help="YAML config, e.g. configs/cifar100/resnet18_teskd.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=10")
     p.add_argument("--out", help="run directory (default runs/<config>-<time>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its last checkpoint (with CONFIG too: start RUN_DIR from CONFIG "
+                        "if it has not started yet, so a requeued job can always pass the same command)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="per-branch top-1/top-5 of a run or checkpoint")
-    p.add_argument("target", help="run directory or checkpoint .pt file")
-    p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.root=...)")
+    p = sub.add_parser("eval", help="per-branch top-1/top-5 of a run, a checkpoint or a teacher.safetensors")
+    p.add_argument("target", help="run directory, checkpoint .pt file, or deployed teacher .safetensors")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.root=... data.dataset=...)")
     p.add_argument("--checkpoint", choices=["last", "best"], default="last",
                    help="which checkpoint of a run directory (default last)")
     p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--full", action="store_true",
+                   help="the whole test split, not the run's data.test_subset_per_class subset")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
@@ -151,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("report", help="compare finished runs in a table")
+    p = sub.add_parser("report", help="compare runs in a table (unfinished ones from their metrics)")
     p.add_argument("runs", nargs="+", help="run directories")
-    p.add_argument("--plot", metavar="PNG", help="also draw the runs' accuracy and loss curves into PNG")
+    p.add_argument("--plot", metavar="PNG",
+                   help="also draw the runs' curves into PNG (.png is appended if missing; the path is printed)")
     p.set_defaults(func=_cmd_report)
     return parser
 
@@ -178,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `teskd eval --json RUN | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+from teskd import fileio
+from teskd.errors import TeskdError
+
 
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
     """Number of samples whose label is among the top-k scores, for each k (k capped at #classes)."""
@@ -18,24 +21,50 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per finished epoch."""
+    """``metrics.jsonl``: one JSON object per finished epoch.
+
+    Lines are appended with one write each, so a kill can leave at most a torn last line;
+    reading drops such a line (with a warning) and a resume rewrites the file atomically.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def append(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        fileio.append_line(self.path, json.dumps(record))
 
-    def read(self) -> list[dict]:
+    def read(self, warn: bool = True) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        try:
+            lines = self.path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TeskdError(f"cannot read {self.path}: {' '.join(str(exc).split())[:200]}") from exc
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                    raise ValueError("not an epoch record")
+            except ValueError as exc:
+                if number == len(lines):  # torn by a kill while it was being written: that epoch is redone
+                    if warn:
+                        print(f"warning: ignoring the incomplete last line of {self.path}", flush=True)
+                    break
+                raise TeskdError(f"{self.path} line {number} is not a metrics record ({exc}); "
+                                 f"the file was edited or damaged") from exc
+            records.append(record)
+        return records
+
+    def reset(self) -> None:
+        fileio.atomic_write_text(self.path, "")
 
     def truncate_after(self, epoch: int) -> None:
-        """Drop records past ``epoch`` (epochs logged after the checkpoint we resume from)."""
+        """Drop records past ``epoch`` (epochs logged after the checkpoint we resume from), atomically."""
         keep = [r for r in self.read() if r["epoch"] <= epoch]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        fileio.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def progress_interval() -> float:

@@ -1,19 +1,11 @@
-"""The training loop: method-agnostic, resumable, writes a self-describing run directory.
-
-Run directory layout::
-
-    config.yaml            fully resolved config
-    metrics.jsonl          one JSON object per epoch
-    checkpoints/last.pt    written (atomically) after every epoch
-    checkpoints/best.pt    the epoch with the best teacher top-1 on val (or test without val)
-    teacher.safetensors    the deployable backbone only (written at the end)
-    summary.json           headline numbers (written at the end)
-"""
+"""The training loop: method-agnostic, resumable, writes a self-describing run directory
+(layout: :mod:`teskd.engine.rundir`)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import threading
@@ -25,12 +17,15 @@ import numpy as np
 import torch
 
 from teskd import __version__
-from teskd.config import Config, save_config, to_dict
+from teskd import fileio
+from teskd.config import Config, resolve_data_root, to_dict
 from teskd.data.pipeline import build_data
 from teskd.engine import runtime
-from teskd.engine.checkpoint import load_latest, load_model_weights, save_checkpoint
+from teskd.engine.checkpoint import (load_latest, load_model_weights, publish_copy, read_digests,
+                                     save_checkpoint)
 from teskd.engine.evaluate import evaluate
 from teskd.engine.metrics import MetricsLog, progress_interval
+from teskd.engine.rundir import RunDir, RunLock
 from teskd.engine.schedule import lr_factor
 from teskd.engine.step import make_optimizer, train_step
 from teskd.errors import TeskdError
@@ -43,7 +38,8 @@ class Interrupted(TeskdError):
 
     def __init__(self, signal_name: str, epoch: int, step: int, run_dir: Path):
         self.exit_code = 128 + getattr(signal, signal_name)
-        super().__init__(f"{signal_name} received: stopped at epoch {epoch + 1}, batch {step}, after saving "
+        where = f"at epoch {epoch + 1}, batch {step}" if step else f"after epoch {epoch}"
+        super().__init__(f"{signal_name} received: stopped {where}, after saving "
                          f"{run_dir / 'checkpoints' / 'last.pt'}; continue with: teskd train --resume {run_dir}")
 
 
@@ -78,9 +74,16 @@ def export_teacher(method, path: Path, cfg: Config, num_classes: int) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in method.deploy_module.state_dict().items()}
     meta = {"arch": cfg.model.arch, "num_classes": str(num_classes), "width_mult": str(cfg.model.width_mult),
             "dataset": cfg.data.dataset, "teskd_version": __version__}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fileio.fault_point("write", tmp)
+        save_file(state, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        fileio.replace(tmp, path)
+    except Exception as exc:  # safetensors reports a full disk as its own error types, not OSError
+        tmp.unlink(missing_ok=True)
+        raise TeskdError(f"could not write {path}: {fileio.describe_os_error(exc, path)}") from exc
 
 
 def _rng_state() -> dict:
@@ -105,10 +108,21 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
+    """Trains ``cfg`` into ``run_dir``.
+
+    ``resume``: continue the run from its newest verified checkpoint (a run killed before its
+    first checkpoint starts again from the beginning, saying so). ``overwrite``: replace the
+    previous run in ``run_dir`` (the caller has checked it is one); its files are removed only
+    once this run holds the folder's lock, after the data and the model have been built.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False):
+        cfg.data.root = str(resolve_data_root(cfg.data))  # stored absolute: the run works from any directory
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
+        self.rundir = RunDir(run_dir)
+        self.run_dir = self.rundir.path
         self.resume = resume
+        self.overwrite = overwrite
         tc = cfg.train
         self.device = runtime.resolve_device(tc.device)
         self.amp_dtype = runtime.resolve_amp(tc.amp, self.device)
@@ -119,8 +133,9 @@ class Trainer:
         self.method = runtime.prepare_model(build_model(cfg, self.data.num_classes), tc, self.device)
         self.optimizer = make_optimizer(self.method, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.metrics = MetricsLog(self.rundir.metrics)
+        self.ckpt_dir = self.rundir.checkpoints
+        self.lock: RunLock | None = None
         self.start_epoch = 0  # number of epochs already completed
         self.resume_progress: dict | None = None  # mid-epoch position of a resumed checkpoint
         self.stop_signal: str | None = None  # set by SIGTERM/SIGINT: save and stop after this step
@@ -148,6 +163,7 @@ class Trainer:
         }
 
     def load_state(self, state: dict) -> None:
+        self._check_resumable(state)
         load_model_weights(self.method, state["model"], "checkpoint does not match the configured model")
         self.start_epoch = int(state["epoch"])
         self.resume_progress = state.get("progress")
@@ -155,29 +171,82 @@ class Trainer:
         self.train_images = int(state.get("train_images", 0))
         if "optimizer" not in state:  # imported weights (teskd import-official): start training from them
             return
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.best = dict(state["best"])
-        _set_rng_state(state["rng"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.best = dict(state["best"])
+            _set_rng_state(state["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+            raise TeskdError(f"the checkpoint's optimizer or RNG state does not fit this run "
+                             f"({' '.join(str(exc).split())[:200]}); is it from another teskd version?") from exc
+
+    def _check_resumable(self, state: dict) -> None:
+        """Refuse settings that cannot continue this checkpoint; say which settings changed."""
+        done, epochs = int(state["epoch"]), self.cfg.train.epochs
+        if "optimizer" in state and epochs < done:
+            raise TeskdError(f"{self.run_dir} has finished {done} epochs; train.epochs={epochs} would discard "
+                             f"finished epochs (resume keeps train.epochs >= {done}; start a new run for fewer)")
+        old = state["config"]
+        progress = state.get("progress")
+        old_batch = old.get("data", {}).get("batch_size") if isinstance(old.get("data"), dict) else None
+        if progress and old_batch is not None and old_batch != self.cfg.data.batch_size:
+            raise TeskdError(f"the checkpoint stopped inside epoch {done + 1} after batch {progress['step']} "
+                             f"of data.batch_size={old_batch}; resume with that batch size "
+                             f"(it may change at an epoch boundary)")
+        changed = _changed_settings(old, to_dict(self.cfg))
+        if changed and "optimizer" in state:
+            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:8])
+            more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+            print(f"resuming with changed settings: {shown}{more}", flush=True)
 
     # --- loop ------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.resume:
-            self.load_state(load_latest(self.ckpt_dir / "last.pt")[0])
-            self.metrics.truncate_after(self.start_epoch)
-        else:
-            self.metrics.path.write_text("")
-        save_config(self.cfg, self.run_dir / "config.yaml")
+        with RunLock(self.rundir) as lock, stop_on_signals(self):
+            self.lock = lock
+            if self.overwrite:
+                self.rundir.clear()
+            self.rundir.remove_orphans()
+            try:
+                self.ckpt_dir.mkdir(exist_ok=True)
+            except OSError as exc:
+                raise TeskdError(f"cannot write to {self.ckpt_dir}: {fileio.describe_os_error(exc)}") from exc
+            fresh = not self.resume or not self.rundir.has_checkpoint()
+            if self.resume and fresh:
+                print(f"no checkpoint in {self.run_dir} yet (stopped before its first save): "
+                      f"starting the run again from the beginning", flush=True)
+            if not fresh:
+                state, used = load_latest(self.rundir.last)
+                self.load_state(state)
+            # config first: a run killed at any later point is a run directory that --resume accepts
+            fileio.atomic_write_text(self.rundir.config, _config_yaml(self.cfg))
+            if fresh:
+                self.metrics.reset()
+            else:
+                self.metrics.truncate_after(self.start_epoch)
+                self._repair_best(state, used)
 
-        epochs = self.cfg.train.epochs
-        if self.start_epoch >= epochs:
-            print(f"run already finished {self.start_epoch}/{epochs} epochs; writing artifacts")
-        with stop_on_signals(self):
+            epochs = self.cfg.train.epochs
+            if self.start_epoch >= epochs:
+                print(f"run already finished {self.start_epoch}/{epochs} epochs; writing artifacts")
             for epoch in range(self.start_epoch, epochs):
                 self.run_epoch(epoch)
-        return self.finish()
+                if self.stop_signal and epoch + 1 < epochs:  # also when an epoch has a single batch
+                    raise Interrupted(self.stop_signal, epoch + 1, 0, self.run_dir)
+            return self.finish()
+
+    def _repair_best(self, state: dict, used: Path) -> None:
+        """A kill between saving ``last.pt`` and publishing it as ``best.pt`` leaves best.pt behind: redo it."""
+        best = state.get("best") or {}
+        if "optimizer" not in state or not best.get("epoch"):
+            return
+        if best["epoch"] == state["epoch"] and state.get("progress") is None:
+            digest = fileio.file_digest(used)
+            if not self.rundir.best.is_file() or fileio.file_digest(self.rundir.best) != digest:
+                publish_copy(used, digest, self.rundir.best)
+        elif not (best_pt := self.rundir.best).is_file() or fileio.file_digest(best_pt) not in read_digests(best_pt):
+            print(f"warning: {best_pt} is missing or damaged; it is written again when the teacher next "
+                  f"improves", flush=True)
 
     def run_epoch(self, epoch: int) -> None:
         progress, self.resume_progress = self.resume_progress, None
@@ -187,14 +256,21 @@ class Trainer:
         improved = selected > self.best["score"]
         if improved:
             self.best = {"epoch": epoch + 1, "score": selected, "test_top1": record["test_acc"]["teacher"]}
-        state = self.state_dict(epoch + 1)
-        if improved:
-            save_checkpoint(state, self.ckpt_dir / "best.pt", keep_previous=False)
-        # the metrics line is written after best.pt and before last.pt: a resume truncates lines past
-        # last.pt's epoch, so a crash between the two writes leaves no duplicate or missing line
+        # the metrics line is written before last.pt: a resume truncates lines past last.pt's epoch, so a
+        # kill between the two leaves no duplicate or missing line. best.pt is published from the complete
+        # last.pt (no second serialisation); a kill before that is repaired on resume (_repair_best).
+        if self.lock is not None:
+            self.lock.check()
         self.metrics.append(record)
-        save_checkpoint(state, self.ckpt_dir / "last.pt")
+        digest = self._save(self.state_dict(epoch + 1))
+        if improved:
+            publish_copy(self.rundir.last, digest, self.rundir.best)
         self._print_epoch(record)
+
+    def _save(self, state: dict) -> str:
+        if self.lock is not None:
+            self.lock.check()
+        return save_checkpoint(state, self.rundir.last, create_parent=False)
 
     def _step_lr(self, epoch: int, step: int, steps: int) -> float:
         lr = self.cfg.optim.lr * lr_factor(self.cfg.schedule, self.cfg.train.epochs, epoch, step, steps)
@@ -223,7 +299,8 @@ class Trainer:
         lr = self._step_lr(epoch, start, steps)
 
         def snapshot(step: int) -> dict:  # this epoch's progress after `step` batches, as plain numbers
-            return {"epoch": epoch, "step": step, "seen": seen, "seconds": time.perf_counter() - t0,
+            return {"epoch": epoch, "step": step, "batch_size": loader.batch_size, "seen": seen,
+                    "seconds": time.perf_counter() - t0,
                     "sums": {k: float(v) for k, v in sums.items()}, "correct": {k: int(v) for k, v in correct.items()}}
 
         bar = tqdm(loader.iter_from(start), initial=start, total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}",
@@ -253,7 +330,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{float(sums['loss']) / seen:.3f}", lr=f"{lr:.4g}",
                                     img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
             if save_now:
-                save_checkpoint(self.state_dict(epoch, snapshot(done)), self.ckpt_dir / "last.pt")
+                self._save(self.state_dict(epoch, snapshot(done)))
                 if self.stop_signal:
                     bar.close()
                     raise Interrupted(self.stop_signal, epoch, done, self.run_dir)
@@ -306,10 +383,15 @@ class Trainer:
         records = self.metrics.read()
         if not records:
             raise TeskdError(f"no finished epoch in {self.run_dir}; nothing to summarise")
-        export_teacher(self.method, self.run_dir / "teacher.safetensors", self.cfg, self.data.num_classes)
+        if self.lock is not None:
+            self.lock.check()
+        export_teacher(self.method, self.rundir.teacher, self.cfg, self.data.num_classes)
         last = records[-1]
         best_epoch = self.best["epoch"]
-        best = next(r for r in records if r["epoch"] == best_epoch)
+        best = next((r for r in records if r["epoch"] == best_epoch), None)
+        if best is None:
+            raise TeskdError(f"{self.metrics.path} has no record of the best epoch {best_epoch}; "
+                             f"the file was edited or damaged")
         summary = {
             "method": self.cfg.method.name,
             "arch": self.cfg.model.arch,
@@ -333,5 +415,27 @@ class Trainer:
         }
         if self.data.val is not None:
             summary["teacher_val_top1_best"] = best["val_acc"]["teacher"]
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        fileio.atomic_write_text(self.rundir.summary, json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def _config_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _changed_settings(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    a, b = _flatten(old), _flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
