@@ -4,14 +4,20 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Where datasets live (cifar100/ below it). Defaults to the shared offline copy beside the repo.
+# Where datasets live (cifar100/ below it). Defaults to the shared offline copy beside the repo;
+# where that does not hold CIFAR-100, `make demo` downloads it into ./data/cifar100 (MD5-checked).
 TESKD_DATA ?= $(abspath ../shared/data)
 export TESKD_DATA
+# Unset: torch comes from the default index (on Linux that is the CUDA build, ~5.6 GB with its
+# nvidia-* packages, even for a CPU run). Set it to install torch/torchvision from another index
+# first, e.g. the CPU-only build: make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
 
 .PHONY: install test demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_INDEX_URL),$(BIN)/python -m pip install --quiet torch torchvision --index-url $(TORCH_INDEX_URL))
 	$(BIN)/python -m pip install --quiet -e '.[test,plot]'
 	touch $(STAMP)
 

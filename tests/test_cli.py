@@ -71,7 +71,8 @@ def test_console_entry_point_runs_as_a_process():
     proc = subprocess.run([sys.executable, "-m", "teskd.cli", "train", CONFIG, "optim.lr=-1"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: optim.lr must be > 0, got -1.0"
+    assert proc.stderr.startswith("error: optim.lr must be > 0") and proc.stderr.strip().endswith("got -1.0")
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 OFFICIAL_COUNTS = {  # spec section 2: (with students, teacher alone), 100 classes
@@ -98,3 +99,39 @@ def test_info_for_every_architecture_config(capsys, arch):
 def test_overrides_may_follow_options(capsys):
     code, out, _ = run_cli(capsys, "info", CONFIG, "--json", "model.width_mult=0.5")
     assert code == 0 and json.loads(out)["params_deploy"] < 11_220_132
+
+
+def test_version_flag(capsys):
+    from teskd import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"teskd {__version__}\n"
+
+
+def test_python_dash_m_teskd_is_the_cli():
+    from teskd import __version__
+
+    proc = subprocess.run([sys.executable, "-m", "teskd", "--version"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout == f"teskd {__version__}\n"
+    proc = subprocess.run([sys.executable, "-m", "teskd", "info", CONFIG, "--json", "model.width_mult=0.125"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["method"] == "teskd"
+    proc = subprocess.run([sys.executable, "-m", "teskd", "train", CONFIG, "optim.lr=-1"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: optim.lr must be > 0")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run([sys.executable, "-m", "teskd"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: teskd ")
+
+
+def test_closed_pipe_is_not_a_traceback():
+    # `teskd ... | head`: the reader is gone before teskd writes (closed here before the process starts up)
+    proc = subprocess.Popen([sys.executable, "-m", "teskd", "info", "configs/cifar100/resnet18_teskd.yaml", "--json"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err and proc.returncode == 141

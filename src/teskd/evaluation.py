@@ -1,51 +1,249 @@
-"""Evaluate a saved run or checkpoint; describe a configured model's size and cost."""
+"""Evaluate a saved run, checkpoint or deployed teacher; describe a configured model's size and cost.
+
+Every evaluation result says exactly what was evaluated: the dataset and split, how many
+images, whether that is the whole split or a subset (and which one), and the absolute
+data folder that was read. A run directory's ``config.yaml`` names its data folder, so a
+run folder from someone else decides what is read: the result shows it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from teskd.config import Config, from_dict
+from teskd.config import Config, DataConfig, from_dict, resolve_data_root
 from teskd.engine import runtime
 from teskd.engine.checkpoint import load_checkpoint, load_model_weights
 from teskd.engine.evaluate import evaluate
 from teskd.errors import TeskdError
+
+# The metadata ``export_teacher`` writes into teacher.safetensors.
+TEACHER_METADATA = ("arch", "num_classes", "width_mult")
 
 
 def _resolve_checkpoint(target: Path, which: str) -> Path:
     if target.is_dir():
         path = target / "checkpoints" / f"{which}.pt"
         if not path.is_file():
-            raise TeskdError(f"{target} has no checkpoints/{which}.pt (is it a teskd run directory?)")
+            hint = (f"; to evaluate its deployable weights: teskd eval {target / 'teacher.safetensors'}"
+                    if (target / "teacher.safetensors").is_file() else " (is it a teskd run directory?)")
+            raise TeskdError(f"{target} has no checkpoints/{which}.pt{hint}")
         return path
     if not target.exists():
         raise TeskdError(f"no such run directory or checkpoint: {target}")
     return target
 
 
-def evaluate_checkpoint(target: Path, overrides=(), which: str = "last", split: str = "test") -> dict:
-    from teskd.data.pipeline import build_data
+# --- what is evaluated -------------------------------------------------------------------------
+
+
+def load_eval_split(data: DataConfig, split: str, device: torch.device):
+    """The evaluation loader of ``split`` ("test" or "val") and a description of its images.
+
+    The selection is the one training evaluates on: the test split, or its first
+    ``data.test_subset_per_class`` images of each class; the validation split is the last
+    ``data.val_per_class`` training images of each class. Only the split needed is read.
+    """
+    from functools import partial
+
+    from teskd.data.augment import normalize
+    from teskd.data.cifar import first_k_per_class, split_val_per_class
+    from teskd.data.loaders import InMemoryLoader
+    from teskd.data.registry import get_dataset_spec
+
+    spec = get_dataset_spec(data.dataset)
+    root = resolve_data_root(data)  # data.root, or ${TESKD_DATA:-./data}/<dataset> when null
+    subset = None
+    if split == "test":
+        arrays = spec.load(root, train=False, download=data.download)
+        total = len(arrays)
+        subset = data.test_subset_per_class
+        if subset is not None:
+            arrays = arrays.select(first_k_per_class(arrays.labels, subset, spec.num_classes))
+        selection = (f"first {subset} test image{'s' if subset != 1 else ''} of each class"
+                     if subset is not None else "all test images")
+    elif split == "val":
+        if data.val_per_class == 0:
+            raise TeskdError("this run has no validation split (data.val_per_class=0); use --split test")
+        train = spec.load(root, train=True, download=data.download)
+        _, arrays = split_val_per_class(train, data.val_per_class)
+        total = len(arrays)
+        selection = (f"last {data.val_per_class} training image{'s' if data.val_per_class != 1 else ''} "
+                     f"of each class, held out from training")
+    else:
+        raise TeskdError(f"unknown split {split!r}; expected test or val")
+    if len(arrays) == 0:
+        raise TeskdError(f"the {split} split of {data.dataset} at {root} is empty")
+    loader = InMemoryLoader(arrays, data.eval_batch_size, shuffle=False, drop_last=False,
+                            transform=partial(normalize, mean=spec.mean, std=spec.std), device=device)
+    info = {
+        "dataset": data.dataset,
+        "split": split,
+        "images": len(arrays),
+        "split_images": total,
+        "full_split": len(arrays) == total,
+        "subset_per_class": subset,
+        "selection": selection,
+        "data_root": str(root.resolve()),  # absolute, symlinks resolved: the folder actually read
+    }
+    return loader, info
+
+
+def describe_data(result: dict) -> str:
+    """One line: what an evaluation result was computed on."""
+    n, total = result["images"], result["split_images"]
+    if result["full_split"]:
+        size = f"the full {result['split']} split, {n} images"
+    else:
+        size = f"a subset of the {result['split']} split, {n} of {total} images"
+    more = "; --full for all" if result["subset_per_class"] is not None and not result["full_split"] else ""
+    return f"{result['dataset']}: {size} ({result['selection']}{more}), read from {result['data_root']}"
+
+
+# --- run directories and checkpoints ------------------------------------------------------------
+
+
+def _full_overrides(overrides, split: str, full: bool) -> list[str]:
+    overrides = list(overrides)
+    if full:
+        if split != "test":
+            raise TeskdError("--full selects the whole test split; the validation split is always all "
+                             "held-out images (data.val_per_class), so use --full with --split test")
+        overrides.append("data.test_subset_per_class=null")
+    return overrides
+
+
+def evaluate_checkpoint(target: Path, overrides=(), which: str = "last", split: str = "test",
+                        full: bool = False) -> dict:
+    """Per-branch top-1/top-5 of a run directory's checkpoint (or a ``.pt`` file), with its config."""
+    from teskd.data.registry import get_dataset_spec
     from teskd.engine.trainer import build_model
 
     path = _resolve_checkpoint(Path(target), which)
     state = load_checkpoint(path)
-    cfg: Config = from_dict(state["config"], overrides)
+    cfg: Config = from_dict(state["config"], _full_overrides(overrides, split, full))
     device = runtime.resolve_device(cfg.train.device)
-    bundle = build_data(cfg.data, device, cfg.train.seed)
-    if bundle.num_classes != state["num_classes"]:
+    amp = runtime.resolve_amp(cfg.train.amp, device)
+    num_classes = get_dataset_spec(cfg.data.dataset).num_classes
+    if num_classes != state["num_classes"]:
         raise TeskdError(f"checkpoint {path} was trained for {state['num_classes']} classes, "
-                         f"but {cfg.data.dataset} has {bundle.num_classes}")
-    method = build_model(cfg, bundle.num_classes)
+                         f"but {cfg.data.dataset} has {num_classes}")
+    runtime.configure(cfg.train, device)
+    loader, info = load_eval_split(cfg.data, split, device)
+    method = build_model(cfg, num_classes)
     load_model_weights(method, state["model"], f"checkpoint {path} does not match {cfg.model.arch}/{cfg.method.name}")
     runtime.prepare_model(method, cfg.train, device)
-    loader = bundle.test if split == "test" else bundle.val
-    if loader is None:
-        raise TeskdError("this run has no validation split (data.val_per_class=0); use --split test")
-    acc = evaluate(method, loader, device, runtime.resolve_amp(cfg.train.amp, device),
-                   channels_last=cfg.train.channels_last, progress=cfg.train.progress, desc=split)
-    return {"checkpoint": str(path), "epoch": state["epoch"], "split": split,
-            "images": int(loader.labels.shape[0]), "accuracy": acc}
+    acc = evaluate(method, loader, device, amp, channels_last=cfg.train.channels_last,
+                   progress=cfg.train.progress, desc=split)
+    return {"kind": "checkpoint", "checkpoint": str(path), "epoch": state["epoch"], "arch": cfg.model.arch,
+            "method": cfg.method.name, **info, "accuracy": acc}
+
+
+# --- deployed teachers (teacher.safetensors) ----------------------------------------------------
+
+
+class DeployedTeacher(nn.Module):
+    """A bare backbone with the method interface ``evaluate`` needs: one branch, ``teacher``."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward_eval(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"teacher": self.backbone(images)}
+
+
+def _mismatch(path: Path, model_state: dict, weights: dict, what: str) -> str | None:
+    """A one-line description of how ``weights`` differ from the model's state dict, or None."""
+    missing = [k for k in model_state if k not in weights]
+    unexpected = [k for k in weights if k not in model_state]
+    shapes = [f"{k} (file {list(weights[k].shape)}, model {list(model_state[k].shape)})"
+              for k in model_state if k in weights and weights[k].shape != model_state[k].shape]
+    if not (missing or unexpected or shapes):
+        return None
+
+    def first(items: list[str]) -> str:
+        more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+        return ", ".join(items[:3]) + more
+
+    parts = [f"{label} {first(items)}" for label, items in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
+    return f"{path} does not match {what}: {'; '.join(parts)}"
+
+
+def load_teacher(path: Path) -> tuple[nn.Module, dict]:
+    """The backbone stored in a ``teacher.safetensors`` (metadata arch/num_classes/width_mult), loaded strictly."""
+    from safetensors import SafetensorError, safe_open
+
+    from teskd.models import build_backbone
+
+    path = Path(path)
+    if not path.is_file():
+        raise TeskdError(f"no such teacher weights file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise TeskdError(f"cannot read {path}: not a valid safetensors file ({detail[:200]})") from exc
+    missing = [k for k in TEACHER_METADATA if k not in meta]
+    if missing:
+        raise TeskdError(f"{path} lacks the metadata {', '.join(missing)} that teskd writes with the weights "
+                         f"(arch, num_classes, width_mult); it was not exported by teskd train or import-official")
+    try:
+        num_classes, width_mult = int(meta["num_classes"]), float(meta["width_mult"])
+    except ValueError as exc:
+        raise TeskdError(f"{path}: bad metadata num_classes={meta['num_classes']!r} "
+                         f"width_mult={meta['width_mult']!r} (expected an integer and a number)") from exc
+    backbone = build_backbone(meta["arch"], num_classes, width_mult)
+    what = f"{meta['arch']} (width_mult {width_mult:g}, {num_classes} classes)"
+    problem = _mismatch(path, backbone.state_dict(), weights, what)
+    if problem:
+        raise TeskdError(problem)
+    backbone.load_state_dict(weights, strict=True)
+    info = {"arch": meta["arch"], "num_classes": num_classes, "width_mult": width_mult,
+            "trained_on": meta.get("dataset"), "teskd_version": meta.get("teskd_version")}
+    return backbone, info
+
+
+def evaluate_teacher(path: Path, overrides=(), split: str = "test", full: bool = False) -> dict:
+    """Top-1/top-5 of a deployed ``teacher.safetensors`` on its dataset's test split.
+
+    The config is the default one, with ``data.dataset`` from the file's metadata, then
+    ``overrides`` (e.g. ``data.root=...``, ``data.test_subset_per_class=5``).
+    """
+    from teskd.data.registry import get_dataset_spec
+
+    if split != "test":
+        raise TeskdError("a teacher .safetensors is evaluated on the test split only; the validation split "
+                         "is defined by a run's config (evaluate the run directory with --split val)")
+    backbone, meta = load_teacher(Path(path))
+    base = {"data": {"dataset": meta["trained_on"]}} if meta["trained_on"] else {}
+    cfg: Config = from_dict(base, _full_overrides(overrides, split, full))
+    spec = get_dataset_spec(cfg.data.dataset)
+    if spec.num_classes != meta["num_classes"]:
+        raise TeskdError(f"{path} has a {meta['num_classes']}-class head, but {cfg.data.dataset} has "
+                         f"{spec.num_classes} classes (set data.dataset=...)")
+    device = runtime.resolve_device(cfg.train.device)
+    amp = runtime.resolve_amp(cfg.train.amp, device)
+    runtime.configure(cfg.train, device)
+    loader, info = load_eval_split(cfg.data, split, device)
+    model = runtime.prepare_model(DeployedTeacher(backbone), cfg.train, device)
+    acc = evaluate(model, loader, device, amp, channels_last=cfg.train.channels_last,
+                   progress=cfg.train.progress, desc=split)
+    return {"kind": "teacher", "checkpoint": str(path), "epoch": None, **meta, **info, "accuracy": acc}
+
+
+def evaluate_target(target: Path, overrides=(), which: str = "last", split: str = "test",
+                    full: bool = False) -> dict:
+    """``teskd eval TARGET``: a run directory, a ``.pt`` checkpoint or a ``teacher.safetensors``."""
+    target = Path(target)
+    if target.suffix == ".safetensors":
+        return evaluate_teacher(target, overrides, split=split, full=full)
+    return evaluate_checkpoint(target, overrides, which=which, split=split, full=full)
 
 
 def model_info(cfg: Config) -> dict:
