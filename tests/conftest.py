@@ -14,33 +14,20 @@ def cifar100_root() -> Path:
     return SHARED_CIFAR100
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    """Training runs set process-wide torch switches (threads, deterministic algorithms); undo them
-    after each test so no test depends on which ran before it."""
-    import torch
-
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    benchmark = torch.backends.cudnn.benchmark
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.benchmark = benchmark
-
-
 def hooked_trainer(config, args, run: Path, hook, **kwargs):
-    """A Trainer whose every training forward passes through ``hook(trainer, call_number, output)``."""
+    """A Trainer whose every training forward's output passes through ``hook(trainer, call_number, output)``
+    (a forward hook on the method: the method itself is not patched)."""
     from teskd.config import load_config
     from teskd.engine.trainer import Trainer
 
     trainer = Trainer(load_config(config, args), run, **kwargs)
-    original = trainer.method.forward_train
     calls = {"n": 0}
 
-    def forward_train(images, labels):
+    def forward_hook(module, args, output):
+        if not module.training:
+            return None  # evaluation passes through unchanged
         calls["n"] += 1
-        return hook(trainer, calls["n"], original(images, labels))
+        return hook(trainer, calls["n"], output)
 
-    trainer.method.forward_train = forward_train
+    trainer.method.register_forward_hook(forward_hook)
     return trainer

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from teskd.data.arrays import ImageArrays
-from teskd.data.augment import BatchAugment, eval_transform, normalize
-from teskd.data.loaders import InMemoryLoader
+from teskd.data.augment import BatchAugment, normalize
+from teskd.data.memory_loader import InMemoryLoader
 from teskd.errors import TeskdError
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -50,8 +50,6 @@ def test_normalize_values():
     expected = [(0 / 255 - MEAN[0]) / STD[0], (1 - MEAN[1]) / STD[1], (128 / 255 - MEAN[2]) / STD[2]]
     for c in range(3):
         assert torch.allclose(out[:, c], torch.full((2, 4, 4), expected[c]), atol=1e-6)
-    assert torch.equal(eval_transform(x, MEAN, STD), out)
-    assert torch.equal(BatchAugment(MEAN, STD).eval_transform(x), out)
     with pytest.raises(TeskdError, match="uint8"):
         normalize(x.float(), MEAN, STD)
 
@@ -179,7 +177,7 @@ UNIT = partial(normalize, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # x / 255
 
 
 def _collect(iterable):
-    return [(x.clone(), y.clone()) for x, y in iterable]
+    return [tuple(t.clone() for t in batch) for batch in iterable]
 
 
 def test_labels_stay_attached_eval_and_train():
@@ -188,7 +186,7 @@ def test_labels_stay_attached_eval_and_train():
     seen = []
     for epoch in range(2):
         loader.set_epoch(epoch)
-        for images, labels in loader:
+        for images, labels, _ in loader:
             assert images.dtype == torch.float32 and labels.dtype == torch.int64
             decoded = torch.round(images * 255).to(torch.int64)
             assert torch.equal(decoded, labels.view(-1, 1, 1, 1).expand_as(decoded))
@@ -197,7 +195,7 @@ def test_labels_stay_attached_eval_and_train():
 
     aug = BatchAugment((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), padding=4, flip=True)
     loader = InMemoryLoader(arrays, 8, shuffle=True, drop_last=True, transform=aug, device="cpu", seed=3)
-    for images, labels in loader:
+    for images, labels, _ in loader:
         center = torch.round(images[:, :, 12:20, 12:20] * 255).to(torch.int64)  # never padding
         assert torch.equal(center, labels.view(-1, 1, 1, 1).expand_as(center))
 
@@ -206,12 +204,13 @@ def test_every_sample_once_per_epoch_and_unshuffled_order():
     arrays = _labelled(23)
     idx_images = torch.arange(23, dtype=torch.uint8).view(23, 1, 1, 1).expand(23, 3, 32, 32).contiguous()
     arrays = ImageArrays(idx_images, arrays.labels, arrays.classes)
-    loader = InMemoryLoader(arrays, 5, shuffle=True, drop_last=False, transform=UNIT, device="cpu")
-    ids = torch.cat([torch.round(x[:, 0, 0, 0] * 255).long() for x, _ in loader])
-    assert sorted(ids.tolist()) == list(range(23)) and ids.tolist() != list(range(23))
-    plain = InMemoryLoader(arrays, 5, shuffle=False, drop_last=False, transform=UNIT, device="cpu")
-    ids = torch.cat([torch.round(x[:, 0, 0, 0] * 255).long() for x, _ in plain])
-    assert ids.tolist() == list(range(23))
+    for shuffle in (True, False):
+        loader = InMemoryLoader(arrays, 5, shuffle=shuffle, drop_last=False, transform=UNIT, device="cpu")
+        batches = list(loader)
+        ids = torch.cat([torch.round(x[:, 0, 0, 0] * 255).long() for x, *_ in batches])
+        assert torch.equal(ids, torch.cat([batch.index for batch in batches]))  # index names the images
+        assert sorted(ids.tolist()) == list(range(23))
+        assert (ids.tolist() == list(range(23))) == (not shuffle)
 
 
 def test_loader_determinism():
@@ -226,15 +225,16 @@ def test_loader_determinism():
     b.set_epoch(3)
     first, second = _collect(a), _collect(b)
     again = _collect(a)
-    for (xa, ya), (xb, yb), (xc, yc) in zip(first, second, again):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(xa, xc) and torch.equal(ya, yc)
+    for batch_a, batch_b, batch_c in zip(first, second, again):
+        for ta, tb, tc in zip(batch_a, batch_b, batch_c):
+            assert torch.equal(ta, tb) and torch.equal(ta, tc)
 
     b.set_epoch(4)
     other_epoch = _collect(b)
-    assert not torch.equal(torch.cat([y for _, y in first]), torch.cat([y for _, y in other_epoch]))
+    assert not torch.equal(torch.cat([y for _, y, _ in first]), torch.cat([y for _, y, _ in other_epoch]))
     c = make(2)
     c.set_epoch(3)
-    assert not torch.equal(torch.cat([x for x, _ in first]), torch.cat([x for x, _ in _collect(c)]))
+    assert not torch.equal(torch.cat([x for x, *_ in first]), torch.cat([x for x, *_ in _collect(c)]))
 
 
 def test_skipping_batches_is_exact():
@@ -247,8 +247,8 @@ def test_skipping_batches_is_exact():
     for start in (1, 4, 8, 9):
         tail = _collect(loader.iter_from(start))
         assert len(tail) == len(full) - start
-        for (x1, y1), (x2, y2) in zip(tail, full[start:]):
-            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+        for got, want in zip(tail, full[start:]):
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_len_and_batch_sizes():
@@ -256,7 +256,7 @@ def test_len_and_batch_sizes():
     for drop_last, expected_sizes in ((False, [4, 4, 2]), (True, [4, 4])):
         loader = InMemoryLoader(arrays, 4, shuffle=True, drop_last=drop_last, transform=UNIT, device="cpu")
         assert len(loader) == len(expected_sizes)
-        assert [y.shape[0] for _, y in loader] == expected_sizes
+        assert [y.shape[0] for _, y, _ in loader] == expected_sizes
     assert len(InMemoryLoader(arrays, 5, shuffle=False, drop_last=True, transform=UNIT, device="cpu")) == 2
     assert len(InMemoryLoader(arrays, 20, shuffle=False, drop_last=False, transform=UNIT, device="cpu")) == 1
     assert len(InMemoryLoader(arrays, 20, shuffle=False, drop_last=True, transform=UNIT, device="cpu")) == 0

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from teskd.models import HierarchicalStudents, StageInfo, build_backbone, count_params, list_backbones
+from teskd.build import build_model
+from teskd.config import load_config
+from teskd.models import StageInfo, build_backbone, count_params, list_backbones
 from teskd.models.backbones.resnext import group_count
 
 SE = ("seresnet18", "seresnet34", "seresnet50")
@@ -31,10 +33,10 @@ def stage_channels(arch: str, width_mult: float = 1.0) -> list[int]:
 
 
 def build_meta(arch: str, classes: int = 100, width_mult: float = 1.0):
+    """(backbone, students) of the TESKD model exactly as training builds it, on the meta device."""
     with torch.device("meta"):
-        backbone = build_backbone(arch, classes, width_mult)
-        students = HierarchicalStudents(backbone.stage_info, classes, width=backbone.stage_info[-1].channels)
-    return backbone, students
+        method = build_model(load_config(None, [f"model.arch={arch}", f"model.width_mult={width_mult}"]), classes)
+    return method.backbone, method.students
 
 
 # ---------------------------------------------------------------- official naming, rebuilt from the official code
@@ -144,7 +146,8 @@ def test_official_param_counts(arch):
 def test_stage_info(arch):
     backbone, _ = build_meta(arch)
     chans = stage_channels(arch)
-    assert backbone.stage_info == tuple(StageInfo(c, r) for c, r in zip(chans, (1, 2, 4, 8)))
+    names = [f"{'stage' if arch in SE else 'layer'}{i}" for i in (1, 2, 3, 4)]  # the official module names
+    assert backbone.stage_info == tuple(StageInfo(c, r, n) for c, r, n in zip(chans, (1, 2, 4, 8), names))
     assert backbone.num_features == chans[-1]
 
 

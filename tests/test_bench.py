@@ -124,7 +124,7 @@ def test_ce_config_replaces_only_the_method():
 
 def test_activation_bytes_excludes_parameters():
     cfg = load_config(CE_CONFIG, [*TINY])
-    from teskd.engine.trainer import build_model
+    from teskd.build import build_model
 
     method = build_model(cfg, 100)
     ((images, labels),) = synthetic_batches(cfg, torch.device("cpu"))

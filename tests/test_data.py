@@ -14,8 +14,10 @@ import torch
 
 from teskd.data import cifar
 from teskd.data.arrays import ImageArrays
-from teskd.data.cifar import first_k_per_class, load_cifar, split_val_per_class
-from teskd.data.registry import DATASETS, DatasetSpec, get_dataset_spec, register_dataset
+from teskd.data import registry
+from teskd.data.cifar import load_cifar
+from teskd.data.registry import DatasetSpec, get_dataset_spec, register_dataset
+from teskd.data.splits import first_k_per_class, split_val_per_class
 from teskd.errors import TeskdError
 
 REAL_CIFAR100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar100"
@@ -309,6 +311,34 @@ def test_download_refuses_unsafe_members(tmp_path, monkeypatch, bad_name):
     assert not Path("/abs/evil").exists()
 
 
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE])
+def test_download_refuses_links(tmp_path, monkeypatch, kind):
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("cifar-100-python/train")
+        info.type, info.linkname = kind, "/etc/passwd"
+        tar.addfile(info)
+    monkeypatch.setitem(cifar.URLS, "cifar100", archive.as_uri())
+    monkeypatch.setitem(cifar.MD5S, "cifar100", _md5(archive))
+    root = tmp_path / "data"
+    with pytest.raises(TeskdError) as excinfo:
+        load_cifar("cifar100", root, train=True, download=True)
+    assert _one_line_error(excinfo).endswith("member 'cifar-100-python/train' is not a regular file or folder")
+    assert not (root / "cifar-100-python").exists()
+
+
+def test_download_replaces_a_bad_earlier_archive(tmp_path, monkeypatch):
+    archive, written = _make_archive(tmp_path)
+    monkeypatch.setitem(cifar.URLS, "cifar100", archive.as_uri())
+    monkeypatch.setitem(cifar.MD5S, "cifar100", _md5(archive))
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / archive.name).write_bytes(archive.read_bytes()[:100])  # an interrupted earlier download
+    tr = load_cifar("cifar100", root, train=True, download=True)
+    assert torch.equal(tr.images.reshape(3, -1), torch.from_numpy(written["train"][b"data"]))
+    assert _md5(root / archive.name) == _md5(archive)
+
+
 # --- per-class subsets / validation split ---------------------------------------------------------
 
 
@@ -354,7 +384,7 @@ def test_split_val_per_class_exact():
 # --- registry -----------------------------------------------------------------------------------
 
 
-def test_registry(tmp_path):
+def test_registry(tmp_path, monkeypatch):
     spec = get_dataset_spec("cifar100")
     assert spec.num_classes == 100 and spec.image_size == 32
     assert spec.mean == (0.4914, 0.4822, 0.4465) and spec.std == (0.2023, 0.1994, 0.2010)
@@ -363,14 +393,15 @@ def test_registry(tmp_path):
         get_dataset_spec("mnist")
     write_cifar100(tmp_path, [7, 8], [9])
     assert spec.load(tmp_path, train=True, download=False).labels.tolist() == [7, 8]
-    with pytest.raises(TeskdError, match="already registered"):
-        register_dataset(spec)
-    extra = DatasetSpec("tiny", 2, (0.5,) * 3, (0.5,) * 3, 8, lambda root, train, download: None)
-    try:
-        register_dataset(extra)
-        assert get_dataset_spec("tiny") is extra
-    finally:
-        DATASETS.pop("tiny", None)
+    assert register_dataset(spec) is spec  # registering the same spec again is harmless
+    with pytest.raises(ValueError, match="'cifar100' is registered twice"):
+        register_dataset(DatasetSpec("cifar100", 100, spec.mean, spec.std, 32, spec.load))
+    # A new dataset registers itself where it is defined (here in a fresh registry, to leave the real one alone).
+    monkeypatch.setattr(registry, "DATASETS", type(registry.DATASETS)("dataset", "teskd.data", "known datasets"))
+    extra = register_dataset(DatasetSpec("tiny", 2, (0.5,) * 3, (0.5,) * 3, 8, lambda root, train, download: None))
+    assert get_dataset_spec("tiny") is extra
+    with pytest.raises(TeskdError, match="unknown dataset 'cifar100'; known datasets: tiny"):
+        get_dataset_spec("cifar100")
 
 
 # --- the real CIFAR-100 -----------------------------------------------------------------------

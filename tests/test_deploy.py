@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from teskd.config import load_config
-from teskd.engine.trainer import build_model, export_teacher
+from teskd.build import build_model
+from teskd.export import export_teacher
 from teskd.models import build_backbone, list_backbones
 
 PAPER_ARCHS = {"resnet18", "resnet34", "resnet50", "seresnet18", "seresnet34", "seresnet50",

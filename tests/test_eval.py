@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from teskd.cli import main
 from teskd.config import from_dict
 from teskd.engine.checkpoint import load_checkpoint
-from teskd.engine.trainer import build_model
+from teskd.build import build_model
 from teskd.errors import TeskdError
 from teskd.evaluation import load_teacher
 

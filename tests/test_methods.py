@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import pytest
 
 from teskd.config import load_config
-from teskd.engine.trainer import build_model
+from teskd.build import build_model
 from teskd.losses import kd_kl, masked_feature_l2
 
 

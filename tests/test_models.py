@@ -1,4 +1,4 @@
-"""Backbones, hierarchical students, the joint network, parameter and MAC counts."""
+"""Backbones, hierarchical students, the model as built for training, parameter and MAC counts."""
 
 from __future__ import annotations
 
@@ -7,18 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from teskd.build import build_model
+from teskd.config import load_config
 from teskd.errors import TeskdError
-from teskd.models import (
-    HierarchicalStudents,
-    NetworkOutput,
-    StageInfo,
-    TeskdNetwork,
-    build_backbone,
-    count_macs,
-    count_params,
-    list_backbones,
-)
-from teskd.models.network import default_student_width
+from teskd.models import HierarchicalStudents, StageInfo, build_backbone, count_macs, count_params, list_backbones
+from teskd.models.registry import register_backbone
+from teskd.models.students import branch_stage
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 # official counts, 100 classes: (teacher alone, teacher + students)
@@ -29,12 +23,21 @@ OFFICIAL_PARAMS = {
 }
 
 
-def make_network(arch: str = "resnet18", width_mult: float = 1.0, levels=(1, 2, 3), device=None, classes=100):
-    with torch.device(device or "cpu"):
-        backbone = build_backbone(arch, classes, width_mult)
-        students = HierarchicalStudents(backbone.stage_info, classes, default_student_width(backbone), levels=levels,
-                                        branch_stage=backbone.branch_stage)
-    return TeskdNetwork(backbone, students)
+def make_method(arch="resnet18", width_mult=1.0, levels=(1, 2, 3), device="cpu", classes=100, *extra):
+    """The TESKD model exactly as training builds it."""
+    overrides = [f"model.arch={arch}", f"model.width_mult={width_mult}", f"method.levels={list(levels)}", *extra]
+    with torch.device(device):
+        return build_model(load_config(None, overrides), classes)
+
+
+def branches(method, x):
+    """``{branch: (logits, pooled feature)}``, the teacher first."""
+    stages = method.backbone.forward_stages(x)
+    return {"teacher": method.backbone.forward_head(stages[-1]), **method.students(stages)}
+
+
+def stage_info(chs, reductions=(1, 2, 4, 8)):
+    return tuple(StageInfo(c, r, f"layer{i}") for i, (c, r) in enumerate(zip(chs, reductions), 1))
 
 
 def randomize_bn(module: nn.Module, seed: int = 0) -> None:
@@ -83,10 +86,10 @@ def student_params(stage_chs, width, classes, kernels=(8, 4, 2), levels=(1, 2, 3
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_official_param_counts(arch):
-    net = make_network(arch, device="meta")
+    method = make_method(arch, device="meta")
     teacher, total = OFFICIAL_PARAMS[arch]
-    assert count_params(net.backbone) == teacher
-    assert count_params(net) == total
+    assert count_params(method.backbone) == teacher
+    assert count_params(method) == total
 
 
 def test_derived_param_formulas_match_official():
@@ -97,11 +100,11 @@ def test_derived_param_formulas_match_official():
 
 def test_width_mult_scales_every_channel():
     b = build_backbone("resnet18", 100, width_mult=0.25)
-    assert b.stage_info == tuple(StageInfo(c, r) for c, r in ((16, 1), (32, 2), (64, 4), (128, 8)))
+    assert b.stage_info == stage_info((16, 32, 64, 128))
     assert b.num_features == 128 and b.conv1.out_channels == 16
     assert count_params(b) == basic_resnet_params((16, 32, 64, 128), (2, 2, 2, 2), 100)
-    s = HierarchicalStudents(b.stage_info, 100, default_student_width(b))
-    assert s.width == 128
+    s = HierarchicalStudents(b.stage_info, 100)  # the faithful width: the last stage's channels
+    assert s.widths == {1: 128, 2: 128, 3: 128}
     assert count_params(s) == student_params((16, 32, 64, 128), 128, 100)
     b50 = build_backbone("resnet50", 10, width_mult=0.25)
     assert [i.channels for i in b50.stage_info] == [64, 128, 256, 512]
@@ -124,17 +127,14 @@ def test_stage_reductions_and_spatial_sizes(arch):
 
 @pytest.mark.parametrize("width_mult", [0.25, 1.0])
 def test_output_shapes_every_branch(width_mult):
-    net = make_network("resnet18", width_mult, classes=10)
-    c = default_student_width(net.backbone)
-    assert c == int(512 * width_mult)
+    method = make_method("resnet18", width_mult, classes=10)
+    c = int(512 * width_mult)
+    assert method.students.widths == {1: c, 2: c, 3: c}
     with torch.no_grad():
-        out = net(torch.randn(2, 3, 32, 32))
-    assert isinstance(out, NetworkOutput)
-    names = ["teacher", "student1", "student2", "student3"]
-    assert list(out.logits) == names and list(out.features) == names
-    for name in names:
-        assert out.logits[name].shape == (2, 10)
-        assert out.features[name].shape == (2, c)
+        out = branches(method, torch.randn(2, 3, 32, 32))
+    assert list(out) == ["teacher", "student1", "student2", "student3"]
+    for logits, feature in out.values():
+        assert logits.shape == (2, 10) and feature.shape == (2, c)
 
 
 def test_module_names_match_official():
@@ -168,48 +168,47 @@ def test_levels_subset():
     assert count_params(s1) == student_params((16, 32, 64, 128), 128, 10, levels=(1,))
     x = torch.randn(2, 3, 32, 32)
     for levels, keys in (((3,), ["student3"]), ((1,), ["student1"]), ((3, 1), ["student1", "student3"])):
-        net = make_network("resnet18", 0.25, levels=levels, classes=10)
-        out = net(x)
-        assert list(out.logits) == ["teacher", *keys]
-        assert all(out.logits[k].shape == (2, 10) and out.features[k].shape == (2, 128) for k in keys)
-    for bad in ((), (0,), (4,), (1, 1)):
-        with pytest.raises(TeskdError):
+        out = branches(make_method("resnet18", 0.25, levels=levels, classes=10), x)
+        assert list(out) == ["teacher", *keys]
+        assert all(out[k][0].shape == (2, 10) and out[k][1].shape == (2, 128) for k in keys)
+    for bad in ((), (0,), (4,)):  # user input is validated by the config; these are programming errors
+        with pytest.raises(ValueError):
             HierarchicalStudents(bb.stage_info, 10, 128, levels=bad)
-    with pytest.raises(TeskdError):
+    with pytest.raises(ValueError):
         HierarchicalStudents(bb.stage_info[:3], 10, 128)
 
 
-def test_branch_stage_sets_branch_kernels():
+def test_input_size_picks_the_branch_stage():
+    """The deepest stage whose map is at least 2x2: T4 for ResNets at 32 px, T3 for VGG (T4 is 1x1 there)."""
     info = build_backbone("resnet18", 10, 0.25).stage_info  # reductions 1, 2, 4, 8
-    assert build_backbone("resnet18", 10).branch_stage == 4  # the Backbone default
-    default = HierarchicalStudents(info, 10, 32)
-    assert default.branch_stage == 4
-    assert [default.branch(level)[0].kernel_size for level in (1, 2, 3)] == [(8, 8), (4, 4), (2, 2)]
-    for stage, kernels in ((3, (4, 2, 1)), (4, (8, 4, 2))):
-        s = HierarchicalStudents(info, 10, 32, branch_stage=stage).eval()
+    vgg = build_backbone("vgg16", 10, 0.25).stage_info  # reductions 4, 8, 16, 32
+    assert [branch_stage(info, size) for size in (32, 16, 15, 8, 4, 2)] == [4, 4, 3, 3, 2, 1]
+    assert [branch_stage(vgg, size) for size in (32, 64, 224)] == [3, 4, 4]
+    with pytest.raises(ValueError, match="input size 1"):
+        branch_stage(info, 1)
+    assert HierarchicalStudents(info, 10, 32).branch_stage == 4  # input size 32 by default
+    for size, stage, kernels in ((8, 3, (4, 2, 1)), (32, 4, (8, 4, 2))):
+        s = HierarchicalStudents(info, 10, 32, input_size=size).eval()
         assert s.branch_stage == stage
         assert [s.branch(level)[0].kernel_size for level in (1, 2, 3)] == [(k, k) for k in kernels]
         assert [s.branch(level)[0].stride for level in (1, 2, 3)] == [(k, k) for k in kernels]
         assert count_params(s) == student_params((16, 32, 64, 128), 32, 10, kernels=kernels)
-        stages = [torch.randn(2, c, 32 // r, 32 // r) for c, r in ((16, 1), (32, 2), (64, 4), (128, 8))]
+        stages = [torch.randn(2, i.channels, size // i.reduction, size // i.reduction) for i in info]
         with torch.no_grad():
             fused = s.top_down(stages)
-            size = 32 // info[stage - 1].reduction  # every branch reaches the T_branch_stage size
-            assert all(s.branch(level)(fused[level]).shape == (2, 32, size, size) for level in (1, 2, 3))
+            end = size // info[stage - 1].reduction  # every branch reaches the T_branch_stage size, >= 2x2
+            assert all(s.branch(level)(fused[level]).shape == (2, 32, end, end) for level in (1, 2, 3))
             assert all(f.shape == (2, 32) for _, f in s(stages).values())
-    # branch_stage 2 is fine for levels 1 and 2 (kernels 2, 1) but level 3 would need kernel 1/2
-    s12 = HierarchicalStudents(info, 10, 32, levels=(1, 2), branch_stage=2)
+    # at 4 px the branch stage is T2: fine for levels 1 and 2 (kernels 2, 1), level 3 would need kernel 1/2
+    s12 = HierarchicalStudents(info, 10, 32, levels=(1, 2), input_size=4)
     assert [s12.branch(level)[0].kernel_size for level in (1, 2)] == [(2, 2), (1, 1)]
-    with pytest.raises(TeskdError, match="auxiliary branch"):
-        HierarchicalStudents(info, 10, 32, branch_stage=2)
-    # a non-integer ratio: T2 (reduction 3) is not a multiple of T3 (reduction 2)
-    odd = tuple(StageInfo(8, r) for r in (1, 3, 2, 4))
+    with pytest.raises(ValueError, match="auxiliary branch of level 3"):
+        HierarchicalStudents(info, 10, 32, input_size=4)
+    # a non-integer ratio: T3 (reduction 3) is not a multiple of T2 (reduction 2)
+    odd = stage_info((8, 8, 8, 8), (1, 2, 3, 6))
     assert HierarchicalStudents(odd, 10, 8, levels=(3,)).branch(3)[0].kernel_size == (2, 2)
-    with pytest.raises(TeskdError, match="auxiliary branch"):
-        HierarchicalStudents(odd, 10, 8, levels=(3,), branch_stage=2)
-    for bad in (0, 5, True, 3.0, "3"):
-        with pytest.raises(TeskdError):
-            HierarchicalStudents(info, 10, 32, branch_stage=bad)
+    with pytest.raises(ValueError, match="top-down upsampling"):
+        HierarchicalStudents(odd, 10, 8, levels=(2, 3))
 
 
 def test_per_level_widths():
@@ -217,7 +216,7 @@ def test_per_level_widths():
     chs = (16, 32, 64, 128)
     widths = {1: 24, 2: 40, 3: 56}
     s = HierarchicalStudents(bb.stage_info, 10, widths).eval()
-    assert s.widths == widths and s.width is None
+    assert s.widths == widths
     assert count_params(s) == student_params(chs, widths, 10)
     # structure: S4 has width C3; upsample j maps C_{j+2} -> C_{j+1}; lateral j maps T(j+1) -> C_{j+1}
     assert s.laterals["3"][0].weight.shape == (56, 128, 1, 1)
@@ -237,30 +236,26 @@ def test_per_level_widths():
     s3 = HierarchicalStudents(bb.stage_info, 10, {1: 8, 2: 12, 3: 20}, levels=(3,))
     assert count_params(s3) == student_params(chs, {1: 8, 2: 12, 3: 20}, 10, levels=(3,))
     assert s3.laterals["3"][0].out_channels == 20
-    s2 = HierarchicalStudents(bb.stage_info, 10, {1: 8, 2: 12, 3: 20}, levels=(2,), branch_stage=3)
+    s2 = HierarchicalStudents(bb.stage_info, 10, {1: 8, 2: 12, 3: 20}, levels=(2,), input_size=8)
     assert count_params(s2) == student_params(chs, {1: 8, 2: 12, 3: 20}, 10, kernels=(4, 2, 1), levels=(2,))
-    for bad in ({2: 8, 3: 8}, {1: 8, 2: 8, 3: 8, 4: 8}, {1: 8, 2: 0, 3: 8}, {1: 8, 2: 8.0, 3: 8}, 0, 8.0, True):
-        with pytest.raises(TeskdError):
+    for bad in ({2: 8, 3: 8}, {1: 8, 2: 8, 3: 8, 4: 8}):
+        with pytest.raises(ValueError, match="need exactly the levels"):
             HierarchicalStudents(bb.stage_info, 10, bad)
 
 
 def test_int_width_is_unchanged_official_resnet18():
     with torch.device("meta"):
         bb = build_backbone("resnet18", 100)
-        single = HierarchicalStudents(bb.stage_info, 100, 512, branch_stage=bb.branch_stage)
+        single = HierarchicalStudents(bb.stage_info, 100, 512)
         mapped = HierarchicalStudents(bb.stage_info, 100, {1: 512, 2: 512, 3: 512})
+        default = HierarchicalStudents(bb.stage_info, 100)
     assert count_params(bb) + count_params(single) == 37_050_832
-    assert single.width == 512 and single.widths == {1: 512, 2: 512, 3: 512}
-    # a uniform mapping builds exactly the same modules (names and shapes)
-    assert mapped.width == 512
-    assert {k: v.shape for k, v in mapped.state_dict().items()} == {k: v.shape for k, v in single.state_dict().items()}
+    assert single.widths == {1: 512, 2: 512, 3: 512}
+    # a uniform mapping and the default width build exactly the same modules (names and shapes)
+    shapes = {k: v.shape for k, v in single.state_dict().items()}
+    assert {k: v.shape for k, v in mapped.state_dict().items()} == shapes
+    assert {k: v.shape for k, v in default.state_dict().items()} == shapes
     assert student_params((64, 128, 256, 512), {1: 512, 2: 512, 3: 512}, 100) == 37_050_832 - 11_220_132
-
-
-def test_teacher_only_network():
-    net = TeskdNetwork(build_backbone("resnet18", 10, 0.25))
-    out = net(torch.randn(2, 3, 32, 32))
-    assert list(out.logits) == ["teacher"] and out.features["teacher"].shape == (2, 128)
 
 
 # ---------------------------------------------------------------- values
@@ -275,13 +270,13 @@ def _cbr(seq: nn.Sequential, x: torch.Tensor, conv: int = 0) -> torch.Tensor:
 
 def test_students_match_functional_reference():
     torch.manual_seed(0)
-    net = make_network("resnet18", 0.25, classes=10)
-    randomize_bn(net)
-    net.eval()
-    s = net.students
+    method = make_method("resnet18", 0.25, classes=10)
+    randomize_bn(method)
+    method.eval()
+    s = method.students
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        t1, t2, t3, t4 = net.backbone.forward_stages(x)
+        t1, t2, t3, t4 = method.backbone.forward_stages(x)
         got = s([t1, t2, t3, t4])
 
         def up(j, y):
@@ -305,29 +300,28 @@ def test_students_match_functional_reference():
             torch.testing.assert_close(got[f"student{level}"][0], logits, rtol=1e-4, atol=1e-5)
 
 
-def test_teacher_forward_equals_network_teacher_logits():
+def test_teacher_forward_equals_the_methods_teacher_logits():
     torch.manual_seed(0)
-    net = make_network("resnet18", 0.25, classes=10)
-    randomize_bn(net)
-    net.eval()
+    method = make_method("resnet18", 0.25, classes=10)
+    randomize_bn(method)
+    method.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        out = net(x)
-        torch.testing.assert_close(net.backbone(x), out.logits["teacher"], rtol=0, atol=0)
-        pooled = net.backbone.forward_stages(x)[-1].mean(dim=(2, 3))
-        torch.testing.assert_close(out.features["teacher"], pooled, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(method.backbone(x), method(x)["teacher"], rtol=0, atol=0)
+        pooled = method.backbone.forward_stages(x)[-1].mean(dim=(2, 3))
+        torch.testing.assert_close(branches(method, x)["teacher"][1], pooled, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["student1", "student2", "student3"])
 def test_student_gradients_reach_shared_backbone(name):
     torch.manual_seed(0)
-    net = make_network("resnet18", 0.25, classes=10).train()
-    out = net(torch.randn(4, 3, 32, 32))
-    F.cross_entropy(out.logits[name], torch.tensor([0, 1, 2, 3])).backward()
-    g = net.backbone.layer1[0].conv1.weight.grad
+    method = make_method("resnet18", 0.25, classes=10).train()
+    out = branches(method, torch.randn(4, 3, 32, 32))
+    F.cross_entropy(out[name][0], torch.tensor([0, 1, 2, 3])).backward()
+    g = method.backbone.layer1[0].conv1.weight.grad
     assert g is not None and g.abs().sum() > 0
-    assert net.backbone.fc.weight.grad is None  # the teacher head is not on a student's path
-    s = net.students
+    assert method.backbone.fc.weight.grad is None  # the teacher head is not on a student's path
+    s = method.students
     unused = {"student3": [s.laterals["0"], s.laterals["1"], s.upsample["0"], s.upsample["1"], s.fuse_1, s.fuse_2,
                            s.downsample1, s.downsample2],
               "student2": [s.laterals["0"], s.upsample["0"], s.fuse_1, s.downsample1, s.downsample3],
@@ -342,17 +336,49 @@ def test_student_gradients_reach_shared_backbone(name):
 
 
 def test_macs_resnet18():
-    net = make_network("resnet18", device="meta")
-    teacher = count_macs(net.backbone)
-    total = count_macs(net, forward=lambda m, x: m(x))
-    students = count_macs(net.students, forward=lambda m, x: m(net.backbone.forward_stages(x)))
+    ref = make_method("resnet18", 1.0, (1, 2, 3), "meta", 100, "method.fast_students=false")
+    teacher = count_macs(ref.backbone)
+    total = count_macs(ref, forward=lambda m, x: m.forward_eval(x))
+    with torch.no_grad():  # everything in the forward is counted: the stage maps come from outside
+        stages = ref.backbone.forward_stages(torch.zeros(1, 3, 32, 32, device="meta"))
+    students = count_macs(ref.students, forward=lambda m, _: m(stages))
     print(f"\nresnet18 CIFAR MACs/image: backbone {teacher:,}  students {students:,}  total {total:,}")
     assert abs(teacher / 0.555e9 - 1) < 0.01
     assert abs(students / 1.49e9 - 1) < 0.01
     assert total == teacher + students
+    assert count_macs(ref.deploy_module) == teacher
+    # the fast students run the three top-down 1x1 convs (512x512) at a quarter of the pixels
+    fast = make_method("resnet18", 1.0, (1, 2, 3), "meta", 100)
+    executed = count_macs(fast, forward=lambda m, x: m.forward_eval(x))
+    assert total - executed == 512 * 512 * (64 + 256 + 1024) * 3 // 4
     # the count does not depend on the batch size and is the same on a real device
-    assert count_macs(net.backbone, (3, 3, 32, 32)) == teacher
+    assert count_macs(ref.backbone, (3, 3, 32, 32)) == teacher
     assert count_macs(build_backbone("resnet18", 100, 0.25)) < teacher / 10
+
+
+# reference values, captured from the code before students' initialisation moved off the backbones:
+# (sum, position-weighted abs-sum) of the sorted state dict in float64, torch.manual_seed(0), width 1/8
+INIT_CHECKSUMS = {
+    "resnet18": ((1212.3825682008767, 557204.7456727506), (2056.0174247170876, 366105.1958606689)),
+    "seresnet18": ((1225.4602473292716, 807133.0620574637), (2041.7664895022108, 366280.773531165)),
+    "resnext18": ((1661.171901042445, 1789731.7051803817), (2088.0227654756427, 693109.9783935898)),
+    "vgg16": ((1030.806081822711, 876857.457860988), (2051.774760625426, 688321.3906757601)),
+}
+
+
+def _checksum(module: nn.Module) -> tuple[float, float]:
+    tensors = [t.double() for _, t in sorted(module.state_dict().items())]
+    return float(sum(t.sum() for t in tensors)), float(sum((i + 1) * t.abs().sum() for i, t in enumerate(tensors)))
+
+
+@pytest.mark.parametrize("arch", sorted(INIT_CHECKSUMS))
+def test_initial_values_are_unchanged(arch):
+    """The official initialisation, students included (VGG and ResNeXt run their init over the students too)."""
+    torch.manual_seed(0)
+    method = build_model(load_config(None, [f"model.arch={arch}", "model.width_mult=0.125"]), 10)
+    backbone, students = INIT_CHECKSUMS[arch]
+    assert _checksum(method.backbone) == pytest.approx(backbone, rel=1e-12)
+    assert _checksum(method.students) == pytest.approx(students, rel=1e-12)
 
 
 def test_registry_and_unknown_arch():
@@ -361,7 +387,5 @@ def test_registry_and_unknown_arch():
         build_backbone("resnet9", 10)
     message = str(err.value)
     assert "resnet9" in message and "resnet18, resnet34, resnet50" in message and "\n" not in message
-    with pytest.raises(TeskdError):
-        build_backbone("resnet18", 0)
-    with pytest.raises(TeskdError):
-        build_backbone("resnet18", 10, width_mult=0)
+    with pytest.raises(ValueError, match="registered twice"):
+        register_backbone("resnet18")(lambda num_classes, width_mult: None)

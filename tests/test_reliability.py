@@ -242,7 +242,7 @@ def test_debug_flag_shows_the_traceback():
 def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
     import random as pyrandom
 
-    from teskd.engine.trainer import _rng_state, _set_rng_state
+    from teskd.engine.runtime import rng_state as _rng_state, set_rng_state as _set_rng_state
 
     pyrandom.seed(1)
     np.random.seed(2)

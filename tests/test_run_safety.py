@@ -185,7 +185,7 @@ def test_changed_width_names_the_mismatching_tensors(reference, tmp_path, capsys
     subprocess.run(["cp", "-a", str(reference), str(run)], check=True)
     assert main(["train", "--resume", str(run), "model.width_mult=0.125"]) == 2
     err = one_line_error(capsys)
-    assert "shape differs (file vs model): backbone.conv1.weight (4, 3, 3, 3) vs (8, 3, 3, 3)" in err
+    assert "shape mismatches backbone.conv1.weight (file [4, 3, 3, 3], model [8, 3, 3, 3])" in err
 
 
 def test_mid_epoch_resume_with_another_batch_size_is_refused(data, tmp_path, capsys):

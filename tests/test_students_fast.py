@@ -6,22 +6,31 @@ import pytest
 import torch
 
 from teskd.config import load_config
-from teskd.engine.trainer import build_model
+from teskd.build import build_model
 from teskd.models.students_fast import patch_conv
 
 
-def _run(method, fast, x, y):
-    m = copy.deepcopy(method)
-    m.students.fast = fast
+def build_pair(overrides, num_classes):
+    """One model built twice, with the reference and with the fast students, holding the same weights;
+    the global RNG is left as one build leaves it."""
+    ref = build_model(load_config(None, [*overrides, "method.fast_students=false"]), num_classes)
+    with torch.random.fork_rng(devices=[]):
+        fast = build_model(load_config(None, [*overrides, "method.fast_students=true"]), num_classes)
+    fast.load_state_dict(ref.state_dict())
+    assert ref.students.fast is False and fast.students.fast is True
+    return ref, fast
+
+
+def _run(m, x, y):
     out = m.forward_train(x, y)
     out.loss.backward()
     grads = {n: p.grad for n, p in m.named_parameters()}
-    return out, grads, m
+    return out, grads
 
 
-def assert_same(method, x, y, rtol, atol):
-    ref, g_ref, m_ref = _run(method, False, x, y)
-    fast, g_fast, m_fast = _run(method, True, x, y)
+def assert_same(m_ref, m_fast, x, y, rtol, atol):
+    ref, g_ref = _run(m_ref, x, y)
+    fast, g_fast = _run(m_fast, x, y)
     assert fast.loss.item() == pytest.approx(ref.loss.item(), rel=rtol, abs=atol)
     assert ref.logits.keys() == fast.logits.keys()
     for k in ref.logits:
@@ -52,12 +61,11 @@ CASES = [
 @pytest.mark.parametrize("arch, extra", CASES)
 def test_fast_equals_reference_float64(arch, extra):
     torch.manual_seed(0)
-    cfg = load_config(None, [f"model.arch={arch}", "model.width_mult=0.125", *extra])
-    method = build_model(cfg, 10).double()
+    ref, fast = build_pair([f"model.arch={arch}", "model.width_mult=0.125", *extra], 10)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64)
     y = torch.randint(0, 10, (6,), generator=g)
-    assert_same(method, x, y, rtol=1e-9, atol=1e-12)
+    assert_same(ref.double(), fast.double(), x, y, rtol=1e-9, atol=1e-12)
 
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -75,11 +83,10 @@ OUTPUT_TOL = 256
 GRAD_TOL = 2**16
 
 
-def _students_step(students, stages, cotangents, fast):
+def _students_step(students, stages, cotangents):
     """The students alone on given stage maps: logits and the gradients of a fixed linear function of
     them, with respect to every student parameter and to the stage maps."""
     s = copy.deepcopy(students)
-    s.fast = fast
     stages = [t.detach().clone().requires_grad_(True) for t in stages]
     out = s(stages)
     objective = sum((out[k][0] * cotangents[k].to(out[k][0].dtype)).sum() for k in out)
@@ -96,39 +103,37 @@ def test_fast_is_as_accurate_as_the_reference_in_float32(channels_last):
     of two rounding errors flips with thread scheduling). The students run alone on identical stage maps,
     so the backbone's (shared) rounding does not blur what is compared."""
     torch.manual_seed(0)
-    method = build_model(load_config(None, ["model.width_mult=0.25"]), 100).double()
+    ref, fast = (m.double() for m in build_pair(["model.width_mult=0.25"], 100))
     with torch.no_grad():  # float32 values, so float32 and float64 start from the very same numbers
         x = torch.randn(32, 3, 32, 32, dtype=torch.float64)
-        stages = [t.float() for t in method.backbone.forward_stages(x)]
-    students = method.students.train()
+        stages = [t.float() for t in ref.backbone.forward_stages(x)]
     g = torch.Generator().manual_seed(1)
-    cotangents = {name: torch.randn(32, 100, generator=g, dtype=torch.float64) / 32 for name in students.names}
-    exact_logits, exact_grads = _students_step(students, [t.double() for t in stages], cotangents, False)
-    students32 = copy.deepcopy(students).float()
+    cotangents = {f"student{level}": torch.randn(32, 100, generator=g, dtype=torch.float64) / 32
+                  for level in ref.students.levels}
+    exact_logits, exact_grads = _students_step(ref.students.train(), [t.double() for t in stages], cotangents)
     if channels_last:
-        students32 = students32.to(memory_format=torch.channels_last)
         stages = [t.contiguous(memory_format=torch.channels_last) for t in stages]
     grad_scale = torch.stack([v.norm() for v in exact_grads.values()]).norm().item()
-    for fast in (False, True):
-        logits, grads = _students_step(students32, stages, cotangents, fast)
+    for students in (ref.students, fast.students):
+        students32 = copy.deepcopy(students).train().float()
+        if channels_last:
+            students32 = students32.to(memory_format=torch.channels_last)
+        logits, grads = _students_step(students32, stages, cotangents)
         assert logits.keys() == exact_logits.keys() and grads.keys() == exact_grads.keys()
         assert all(v is not None for v in grads.values())
         for k, want in exact_logits.items():
             err = (logits[k].double() - want).abs().max().item() / (EPS32 * want.abs().max().item())
-            assert err <= OUTPUT_TOL, f"fast={fast} {k}: logits off by {err:.0f} eps x max|logit|"
+            assert err <= OUTPUT_TOL, f"fast={students.fast} {k}: logits off by {err:.0f} eps x max|logit|"
         err = torch.stack([(grads[n].double() - v).norm() for n, v in exact_grads.items()]).norm().item()
         err /= EPS32 * grad_scale
-        assert err <= GRAD_TOL, f"fast={fast}: gradients off by {err:.0f} eps x |gradient|"
+        assert err <= GRAD_TOL, f"fast={students.fast}: gradients off by {err:.0f} eps x |gradient|"
 
 
 def test_eval_mode_outputs_match():
     torch.manual_seed(0)
-    method = build_model(load_config(None, ["model.width_mult=0.125"]), 10).double().eval()
+    ref_method, fast_method = (m.double().eval() for m in build_pair(["model.width_mult=0.125"], 10))
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    method.students.fast = False
-    ref = method.forward_eval(x)
-    method.students.fast = True
-    fast = method.forward_eval(x)
+    ref, fast = ref_method.forward_eval(x), fast_method.forward_eval(x)
     for k in ref:
         torch.testing.assert_close(fast[k], ref[k], rtol=1e-10, atol=1e-12)
 
@@ -171,6 +176,8 @@ def test_checkpointed_students_give_the_same_step_with_less_saved_memory():
     assert activation_bytes(ckpt, x, y, dev, None) < 0.6 * activation_bytes(plain, x, y, dev, None)
 
 
-def test_reference_switch_from_config():
+def test_reference_switch_from_config_is_fixed_at_construction():
     method = build_model(load_config(None, ["model.width_mult=0.125", "method.fast_students=false"]), 10)
     assert method.students.fast is False
+    with pytest.raises(AttributeError):
+        method.students.fast = True

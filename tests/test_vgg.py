@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from teskd.config import load_config
-from teskd.engine.trainer import build_model
-from teskd.models import HierarchicalStudents, StageInfo, TeskdNetwork, build_backbone, count_params, list_backbones
-from teskd.models.network import default_student_width
+from teskd.build import build_model
+from teskd.models import StageInfo, build_backbone, count_params, list_backbones
 
 ARCHS = ("vgg16", "vgg19")
 CONVS = {"vgg16": (2, 3, 3, 3), "vgg19": (2, 4, 4, 4)}  # 3x3 convs per stage layer1..layer4
@@ -30,12 +29,10 @@ def vgg_params(stem, chs, convs, hidden, classes):
     return total + (in_ch * hidden + hidden) + (hidden * hidden + hidden) + (hidden * classes + classes)
 
 
-def make_network(arch="vgg16", width_mult=1.0, classes=100, device=None):
-    with torch.device(device or "cpu"):
-        backbone = build_backbone(arch, classes, width_mult)
-        students = HierarchicalStudents(backbone.stage_info, classes, default_student_width(backbone),
-                                        branch_stage=backbone.branch_stage)
-    return TeskdNetwork(backbone, students)
+def make_method(arch="vgg16", width_mult=1.0, classes=100, device="cpu"):
+    """The TESKD model exactly as training builds it."""
+    with torch.device(device):
+        return build_model(load_config(None, [f"model.arch={arch}", f"model.width_mult={width_mult}"]), classes)
 
 
 def official_backbone_keys(convs):
@@ -53,13 +50,13 @@ def official_backbone_keys(convs):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_official_param_counts(arch):
-    net = make_network(arch, device="meta")
+    method = make_method(arch, device="meta")
     teacher, total = OFFICIAL_PARAMS[arch]
-    assert count_params(net.backbone) == teacher
-    assert count_params(net) == total
+    assert count_params(method.backbone) == teacher
+    assert count_params(method) == total
     assert vgg_params(64, (128, 256, 512, 512), CONVS[arch], 512, 100) == teacher
-    s = net.students
-    assert s.branch_stage == 3 and s.width == 512
+    s = method.students
+    assert s.branch_stage == 3 and s.widths == {1: 512, 2: 512, 3: 512}  # T4 is 1x1 at 32 px: branches end at T3
     assert [s.branch(level)[0].kernel_size for level in (1, 2, 3)] == [(4, 4), (2, 2), (1, 1)]
     assert [s.branch(level)[0].stride for level in (1, 2, 3)] == [(4, 4), (2, 2), (1, 1)]
 
@@ -67,8 +64,9 @@ def test_official_param_counts(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_stage_shapes_and_info(arch):
     b = build_backbone(arch, 10).eval()
-    assert b.branch_stage == 3 and b.num_features == 512
-    assert b.stage_info == tuple(StageInfo(c, r) for c, r in ((128, 4), (256, 8), (512, 16), (512, 32)))
+    assert b.num_features == 512
+    assert b.stage_info == tuple(StageInfo(c, r, f"layer{i}")
+                                 for i, (c, r) in enumerate(((128, 4), (256, 8), (512, 16), (512, 32)), 1))
     with torch.no_grad():
         stages = b.forward_stages(torch.randn(2, 3, 32, 32))
     assert [tuple(t.shape) for t in stages] == [(2, 128, 8, 8), (2, 256, 4, 4), (2, 512, 2, 2), (2, 512, 1, 1)]
@@ -85,22 +83,21 @@ def test_width_mult_scales_every_channel():
 
 def test_student_outputs_at_quarter_width():
     torch.manual_seed(0)
-    net = make_network("vgg16", 0.25, classes=10).eval()
-    s = net.students
-    assert s.width == 128 and s.widths == {1: 128, 2: 128, 3: 128}
+    method = make_method("vgg16", 0.25, classes=10).eval()
+    s = method.students
+    assert s.widths == {1: 128, 2: 128, 3: 128}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        out = net(x)
-        stages = net.backbone.forward_stages(x)
+        stages = method.backbone.forward_stages(x)
+        out = {"teacher": method.backbone.forward_head(stages[-1]), **s(stages)}
         fused = s.top_down(stages)
         # every level's auxiliary branch ends at the T3 size (2x2), before pooling
         for level, size in ((1, 8), (2, 4), (3, 2)):
             assert fused[level].shape == (2, 128, size, size)
             assert s.branch(level)(fused[level]).shape == (2, 128, 2, 2)
-    names = ["teacher", "student1", "student2", "student3"]
-    assert list(out.logits) == names
-    for name in names:
-        assert out.logits[name].shape == (2, 10) and out.features[name].shape == (2, 128)
+    assert list(out) == ["teacher", "student1", "student2", "student3"]
+    for logits, feature in out.values():
+        assert logits.shape == (2, 10) and feature.shape == (2, 128)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -157,7 +154,7 @@ def test_teskd_method_on_vgg():
     torch.manual_seed(0)
     method = build_model(load_config(None, ["model.arch=vgg16", "model.width_mult=0.125"]), 10)
     s = method.students
-    assert s.branch_stage == 3 and s.width == 64
+    assert s.branch_stage == 3 and s.widths == {1: 64, 2: 64, 3: 64}
     assert [s.branch(level)[0].kernel_size for level in (1, 2, 3)] == [(4, 4), (2, 2), (1, 1)]
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)

@@ -37,8 +37,8 @@ import torch
 from teskd.config import Config, from_dict, to_dict
 from teskd.data.augment import BatchAugment
 from teskd.data.registry import get_dataset_spec
-from teskd.engine import runtime, step
-from teskd.engine.step import make_optimizer
+from teskd.engine import runtime
+from teskd.engine.step import Optimization, make_optimizer
 from teskd.errors import TeskdError
 
 MB = 1024.0 * 1024.0
@@ -68,23 +68,22 @@ def _amp_name(dtype: torch.dtype | None) -> str:
 
 
 class _Trainee:
-    """One model as the trainer holds it: method, SGD optimizer and grad scaler."""
+    """One model as the trainer holds it: the method, what is called (it or its compiled wrapper), the optimizer."""
 
     def __init__(self, cfg: Config, num_classes: int, device: torch.device, amp_dtype):
-        from teskd.engine.trainer import build_model
+        from teskd.build import build_model
 
         runtime.seed_everything(cfg.train.seed)
-        self.method = runtime.prepare_model(build_model(cfg, num_classes), cfg.train, device)
+        self.method, self.model = runtime.prepare_model(build_model(cfg, num_classes), cfg.train, device)
         self.method.train()
-        self.optimizer = make_optimizer(self.method, cfg.optim)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.opt = Optimization(make_optimizer(self.method, cfg.optim), device, amp_dtype)
         self.device = device
         self.amp_dtype = amp_dtype
 
 
 def train_step(t: _Trainee, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """One training step exactly as the trainer does it; returns the (detached) loss."""
-    return step.train_step(t.method, t.optimizer, t.scaler, images, labels, t.device, t.amp_dtype).loss.detach()
+    return t.method.training_step(t.model, (images, labels, None), t.opt).loss.detach()
 
 
 def _timed(fn, device: torch.device) -> float:
@@ -117,7 +116,7 @@ def synthetic_batches(cfg: Config, device: torch.device, count: int = 1):
 
 def activation_bytes(method, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
                      amp_dtype) -> int:
-    """Bytes autograd saves for backward during one ``forward_train`` (parameters excluded,
+    """Bytes autograd saves for backward during one training forward (parameters excluded,
     each storage counted once). The graph is freed again without a backward pass."""
     params = {p.untyped_storage().data_ptr() for p in method.parameters()}
     seen: dict[int, int] = {}
@@ -136,7 +135,7 @@ def activation_bytes(method, images: torch.Tensor, labels: torch.Tensor, device:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with runtime.autocast(device, amp_dtype):
-            out = method.forward_train(images, labels)
+            out = method(images, labels)
     del out, keep
     return sum(seen.values())
 
@@ -154,11 +153,8 @@ def input_pipeline_seconds(cfg: Config, device: torch.device, repeats: int) -> l
 
 
 def _prepare_plain(module: torch.nn.Module, cfg: Config, device: torch.device):
-    """A network for inference, prepared like the trainer prepares a method."""
-    module.to(device).eval()
-    if cfg.train.channels_last:
-        module.to(memory_format=torch.channels_last)
-    return torch.compile(module) if cfg.train.compile else module
+    """A network for inference, prepared exactly as the trainer prepares a method."""
+    return runtime.prepare_model(module, cfg.train, device)[1].eval()
 
 
 def _inference(cfg: Config, trainee: _Trainee, num_classes: int, images: torch.Tensor,
@@ -235,7 +231,11 @@ def _memory_probe(cfg: Config, num_classes: int, steps: int = MEMORY_STEPS) -> d
     """
     device = runtime.resolve_device(cfg.train.device)
     amp_dtype = runtime.resolve_amp(cfg.train.amp, device)
-    runtime.configure(cfg.train, device)
+    with runtime.settings(cfg.train, device):
+        return _measure_steps(cfg, num_classes, device, amp_dtype, steps)
+
+
+def _measure_steps(cfg: Config, num_classes: int, device: torch.device, amp_dtype, steps: int) -> dict:
     trainee = _Trainee(cfg, num_classes, device, amp_dtype)
     ((images, labels),) = synthetic_batches(cfg, device)
     if device.type == "cuda":
@@ -305,16 +305,18 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, inference: bool = F
     tc = cfg.train
     device = runtime.resolve_device(tc.device)
     amp_dtype = runtime.resolve_amp(tc.amp, device)
-    runtime.configure(tc, device)
-    spec = get_dataset_spec(cfg.data.dataset)
-    base_cfg = ce_config(cfg)
-    configs = {"method": cfg, "ce": base_cfg}
+    with runtime.settings(tc, device):
+        result = _time_and_measure(cfg, device, amp_dtype, steps, warmup, inference, progress)
+        if memory:
+            result.update(_memory_of_both(cfg, device, progress))
+        else:
+            result.update(peak_mem_mb={"method": None, "ce": None},
+                          peak_mem_growth_mb={"method": None, "ce": None}, peak_mem_kind=None)
+    return result
 
-    _log(progress, f"building {cfg.method.name} and ce ({cfg.model.arch} x{cfg.model.width_mult:g}) on {device}")
-    trainees = {k: _Trainee(c, spec.num_classes, device, amp_dtype) for k, c in configs.items()}
-    batches = synthetic_batches(cfg, device, BATCHES)
-    images, labels = batches[0]
 
+def _alternate(trainees: dict, batches: list, steps: int, warmup: int, device, progress: bool) -> dict:
+    """Per-step seconds of each trainee, one step of each in turn (method, ce, ce, method, ...)."""
     _log(progress, f"warm-up ({warmup} steps each)")
     for i in range(warmup):
         for t in trainees.values():
@@ -324,9 +326,20 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, inference: bool = F
     order = list(trainees)
     for i in range(steps):
         batch = batches[(warmup + i) % BATCHES]
-        for name in order if i % 2 == 0 else order[::-1]:  # method, ce, ce, method, ...
+        for name in order if i % 2 == 0 else order[::-1]:
             times[name].append(_timed(lambda: train_step(trainees[name], *batch), device))
+    return times
 
+
+def _time_and_measure(cfg: Config, device, amp_dtype, steps: int, warmup: int, inference: bool,
+                      progress: bool) -> dict:
+    tc, spec = cfg.train, get_dataset_spec(cfg.data.dataset)
+    _log(progress, f"building {cfg.method.name} and ce ({cfg.model.arch} x{cfg.model.width_mult:g}) on {device}")
+    trainees = {k: _Trainee(c, spec.num_classes, device, amp_dtype)
+                for k, c in {"method": cfg, "ce": ce_config(cfg)}.items()}
+    batches = synthetic_batches(cfg, device, BATCHES)
+    images, labels = batches[0]
+    times = _alternate(trainees, batches, steps, warmup, device, progress)
     b = cfg.data.batch_size
     step_s = {k: statistics.median(v) for k, v in times.items()}
     result: dict[str, Any] = {
@@ -342,33 +355,27 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, inference: bool = F
         "images_per_sec": {k: b / v for k, v in step_s.items()},
         "step_time_ratio": step_s["method"] / step_s["ce"],
     }
-
     _log(progress, "activation memory (saved tensors of one forward)")
     result["activation_mb"] = {k: activation_bytes(t.method, images, labels, device, amp_dtype) / MB
                                for k, t in trainees.items()}
-
     _log(progress, "input pipeline")
-    aug = input_pipeline_seconds(cfg, device, max(steps, 5))
-    result["input_images_per_sec"] = b / statistics.median(aug)
-
+    result["input_images_per_sec"] = b / statistics.median(input_pipeline_seconds(cfg, device, max(steps, 5)))
     if inference:
         result["inference"] = _inference(cfg, trainees["method"], spec.num_classes, images, steps, warmup,
                                           progress)
-
-    del trainees, batches, images, labels
-    if memory:
-        kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_growth"
-        peaks, growths = {}, {}
-        for name, c in configs.items():
-            _log(progress, f"memory of {c.method.name} ({MEMORY_STEPS} steps, "
-                           f"{'fresh model' if device.type == 'cuda' else 'fresh process'})")
-            mem = measure_memory(c, spec.num_classes, device)
-            peaks[name], growths[name] = mem["peak_mb"], mem["growth_mb"]
-        result.update(peak_mem_mb=peaks, peak_mem_growth_mb=growths, peak_mem_kind=kind)
-    else:
-        result.update(peak_mem_mb={"method": None, "ce": None}, peak_mem_growth_mb={"method": None, "ce": None},
-                      peak_mem_kind=None)
     return result
+
+
+def _memory_of_both(cfg: Config, device, progress: bool) -> dict:
+    num_classes = get_dataset_spec(cfg.data.dataset).num_classes
+    peaks, growths = {}, {}
+    for name, c in {"method": cfg, "ce": ce_config(cfg)}.items():
+        _log(progress, f"memory of {c.method.name} ({MEMORY_STEPS} steps, "
+                       f"{'fresh model' if device.type == 'cuda' else 'fresh process'})")
+        mem = measure_memory(c, num_classes, device)
+        peaks[name], growths[name] = mem["peak_mb"], mem["growth_mb"]
+    kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_growth"
+    return {"peak_mem_mb": peaks, "peak_mem_growth_mb": growths, "peak_mem_kind": kind}
 
 
 def format_bench(r: dict) -> str:

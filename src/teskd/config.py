@@ -95,26 +95,11 @@ class Config:
 
 # --- method parameter registry -------------------------------------------------------------
 
-_METHOD_PARAMS: dict[str, type[MethodParams]] = {}
-
-
-def register_method_params(name: str):
-    """Class decorator: declare the parameter dataclass of method ``name``."""
-
-    def wrap(cls: type[MethodParams]) -> type[MethodParams]:
-        _METHOD_PARAMS[name] = cls
-        return cls
-
-    return wrap
-
-
 def method_params_class(name: str) -> type[MethodParams]:
-    import teskd.methods  # noqa: F401  (registers the built-in methods)
+    """The parameter dataclass of method ``name`` (methods register in :data:`teskd.registry.METHODS`)."""
+    from teskd.registry import METHODS
 
-    if name not in _METHOD_PARAMS:
-        known = ", ".join(sorted(_METHOD_PARAMS))
-        raise TeskdError(f"unknown method.name {_short(name)}; known methods: {known}")
-    return _METHOD_PARAMS[name]
+    return METHODS.get(name).params_class
 
 
 # --- user values in messages, document size -------------------------------------------------

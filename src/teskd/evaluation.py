@@ -49,8 +49,8 @@ def load_eval_split(data: DataConfig, split: str, device: torch.device):
     from functools import partial
 
     from teskd.data.augment import normalize
-    from teskd.data.cifar import first_k_per_class, split_val_per_class
-    from teskd.data.loaders import InMemoryLoader
+    from teskd.data.memory_loader import InMemoryLoader
+    from teskd.data.splits import first_k_per_class, split_val_per_class
     from teskd.data.registry import get_dataset_spec
 
     spec = get_dataset_spec(data.dataset)
@@ -119,7 +119,7 @@ def evaluate_checkpoint(target: Path, overrides=(), which: str = "last", split: 
                         full: bool = False) -> dict:
     """Per-branch top-1/top-5 of a run directory's checkpoint (or a ``.pt`` file), with its config."""
     from teskd.data.registry import get_dataset_spec
-    from teskd.engine.trainer import build_model
+    from teskd.build import build_model
 
     path = _resolve_checkpoint(Path(target), which)
     state = load_checkpoint(path)
@@ -130,13 +130,13 @@ def evaluate_checkpoint(target: Path, overrides=(), which: str = "last", split: 
     if num_classes != state["num_classes"]:
         raise TeskdError(f"checkpoint {path} was trained for {state['num_classes']} classes, "
                          f"but {cfg.data.dataset} has {num_classes}")
-    runtime.configure(cfg.train, device)
     loader, info = load_eval_split(cfg.data, split, device)
     method = build_model(cfg, num_classes)
     load_model_weights(method, state["model"], f"checkpoint {path} does not match {cfg.model.arch}/{cfg.method.name}")
-    runtime.prepare_model(method, cfg.train, device)
-    acc = evaluate(method, loader, device, amp, channels_last=cfg.train.channels_last,
-                   progress=cfg.train.progress, desc=split)
+    with runtime.settings(cfg.train, device):
+        _, model = runtime.prepare_model(method, cfg.train, device)
+        acc = evaluate(model, loader, device, amp, channels_last=cfg.train.channels_last,
+                       progress=cfg.train.progress, desc=split)
     return {"kind": "checkpoint", "checkpoint": str(path), "epoch": state["epoch"], "arch": cfg.model.arch,
             "method": cfg.method.name, **info, "accuracy": acc}
 
@@ -145,32 +145,14 @@ def evaluate_checkpoint(target: Path, overrides=(), which: str = "last", split: 
 
 
 class DeployedTeacher(nn.Module):
-    """A bare backbone with the method interface ``evaluate`` needs: one branch, ``teacher``."""
+    """A bare backbone as ``evaluate`` sees a method in eval mode: one branch, ``teacher``."""
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
 
-    def forward_eval(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"teacher": self.backbone(images)}
-
-
-def _mismatch(path: Path, model_state: dict, weights: dict, what: str) -> str | None:
-    """A one-line description of how ``weights`` differ from the model's state dict, or None."""
-    missing = [k for k in model_state if k not in weights]
-    unexpected = [k for k in weights if k not in model_state]
-    shapes = [f"{k} (file {list(weights[k].shape)}, model {list(model_state[k].shape)})"
-              for k in model_state if k in weights and weights[k].shape != model_state[k].shape]
-    if not (missing or unexpected or shapes):
-        return None
-
-    def first(items: list[str]) -> str:
-        more = f" and {len(items) - 3} more" if len(items) > 3 else ""
-        return ", ".join(items[:3]) + more
-
-    parts = [f"{label} {first(items)}" for label, items in
-             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
-    return f"{path} does not match {what}: {'; '.join(parts)}"
 
 
 def load_teacher(path: Path) -> tuple[nn.Module, dict]:
@@ -198,12 +180,12 @@ def load_teacher(path: Path) -> tuple[nn.Module, dict]:
     except ValueError as exc:
         raise TeskdError(f"{path}: bad metadata num_classes={meta['num_classes']!r} "
                          f"width_mult={meta['width_mult']!r} (expected an integer and a number)") from exc
+    if num_classes < 1 or not (0 < width_mult < float("inf")):
+        raise TeskdError(f"{path}: bad metadata num_classes={num_classes} width_mult={width_mult} "
+                         f"(expected a positive class count and a positive finite width)")
     backbone = build_backbone(meta["arch"], num_classes, width_mult)
     what = f"{meta['arch']} (width_mult {width_mult:g}, {num_classes} classes)"
-    problem = _mismatch(path, backbone.state_dict(), weights, what)
-    if problem:
-        raise TeskdError(problem)
-    backbone.load_state_dict(weights, strict=True)
+    load_model_weights(backbone, weights, f"{path} does not match {what}")
     info = {"arch": meta["arch"], "num_classes": num_classes, "width_mult": width_mult,
             "trained_on": meta.get("dataset"), "teskd_version": meta.get("teskd_version")}
     return backbone, info
@@ -229,11 +211,11 @@ def evaluate_teacher(path: Path, overrides=(), split: str = "test", full: bool =
                          f"{spec.num_classes} classes (set data.dataset=...)")
     device = runtime.resolve_device(cfg.train.device)
     amp = runtime.resolve_amp(cfg.train.amp, device)
-    runtime.configure(cfg.train, device)
     loader, info = load_eval_split(cfg.data, split, device)
-    model = runtime.prepare_model(DeployedTeacher(backbone), cfg.train, device)
-    acc = evaluate(model, loader, device, amp, channels_last=cfg.train.channels_last,
-                   progress=cfg.train.progress, desc=split)
+    with runtime.settings(cfg.train, device):
+        _, model = runtime.prepare_model(DeployedTeacher(backbone), cfg.train, device)
+        acc = evaluate(model, loader, device, amp, channels_last=cfg.train.channels_last,
+                       progress=cfg.train.progress, desc=split)
     return {"kind": "teacher", "checkpoint": str(path), "epoch": None, **meta, **info, "accuracy": acc}
 
 
@@ -247,27 +229,36 @@ def evaluate_target(target: Path, overrides=(), which: str = "last", split: str 
 
 
 def model_info(cfg: Config) -> dict:
-    """Parameters and multiply-adds per image, for training (all branches) and deployment."""
+    """Parameters and multiply-adds per image, for training (all branches) and deployment.
+
+    ``macs_train`` counts the reference arithmetic of the method; where the configured model
+    executes less (TESKD's exact fast students), ``macs_train_executed`` says how much.
+    """
+    from dataclasses import fields, replace
+
+    from teskd.build import build_model
     from teskd.data.registry import get_dataset_spec
-    from teskd.engine.trainer import build_model
     from teskd.models import count_macs, count_params
-    from teskd.models.complexity import executed_macs
 
     spec = get_dataset_spec(cfg.data.dataset)
+    reference_cfg = cfg
+    if "fast_students" in {f.name for f in fields(cfg.method)}:
+        reference_cfg = replace(cfg, method=replace(cfg.method, fast_students=False))
     with torch.device("meta"):  # shapes only: no memory, no compute, instant even for 435M parameters
         method = build_model(cfg, spec.num_classes)
+        reference = build_model(reference_cfg, spec.num_classes)
     shape = (1, 3, spec.image_size, spec.image_size)
-    forward = lambda m, x: m.forward_eval(x)  # noqa: E731  (all branches)
+    forward = lambda m, x: m.eval()(x)  # noqa: E731  (all branches)
     info = {
         "arch": cfg.model.arch,
         "method": cfg.method.name,
         "num_classes": spec.num_classes,
         "params_train": count_params(method),
         "params_deploy": count_params(method.deploy_module),
-        "macs_train": count_macs(method, shape, forward=forward),
+        "macs_train": count_macs(reference, shape, forward=forward),
         "macs_deploy": count_macs(method.deploy_module, shape),
     }
-    executed = executed_macs(method, shape, forward=forward)
+    executed = count_macs(method, shape, forward=forward)
     if executed != info["macs_train"]:
         info["macs_train_executed"] = executed  # after the exact rewrites of the fast students
     return info

@@ -6,19 +6,17 @@ import torch
 import torch.nn.functional as F
 
 
-def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-          eps: float = 1e-7, detach_teacher: bool = False) -> torch.Tensor:
-    """``T^2 * KL(softmax(z_t/T) + eps || softmax(z_s/T))``, summed over classes, averaged over the batch.
+def kd_kl(logits: torch.Tensor, target_logits: torch.Tensor, temperature: float,
+          eps: float = 1e-7) -> torch.Tensor:
+    """``T^2 * KL(softmax(z_target/T) + eps || softmax(z/T))``, summed over classes, averaged over the batch.
 
-    This is the official TESKD form: the ``+eps`` is added to the teacher's
-    probabilities (not renormalised), and by default the teacher's logits are
-    *not* detached, so the KL also pulls the teacher toward its students.
+    The official TESKD form, with the teacher as the target: the ``+eps`` is added to the
+    target's probabilities (not renormalised), and the target is *not* detached (callers
+    detach it to stop that), so the official KL also pulls the teacher toward its students.
     """
-    if detach_teacher:
-        teacher_logits = teacher_logits.detach()
     t = temperature
-    log_q = F.log_softmax(student_logits.float() / t, dim=1)
-    p = F.softmax(teacher_logits.float() / t, dim=1) + eps
+    log_q = F.log_softmax(logits.float() / t, dim=1)
+    p = F.softmax(target_logits.float() / t, dim=1) + eps
     kl = (p * (p.log() - log_q)).sum(dim=1).mean()
     return kl * (t * t)
 

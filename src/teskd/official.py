@@ -140,7 +140,8 @@ def import_official(path: Path, arch: str, out: Path, overrides=()) -> Path:
     from teskd import __version__
     from teskd.config import load_config, resolve_data_root, save_config, to_dict
     from teskd.engine.checkpoint import save_checkpoint
-    from teskd.engine.trainer import build_model, export_teacher
+    from teskd.build import build_model
+    from teskd.export import export_teacher
 
     check_arch(arch)  # first: no other message makes sense for an architecture that does not exist
     out = Path(out)

@@ -1,0 +1,3 @@
+"""Datasets -> batches on the training device. Importing the package registers the built-in datasets."""
+
+from teskd.data import cifar as _cifar  # noqa: F401  (registers cifar100, cifar10)

@@ -111,12 +111,3 @@ class BatchAugment:
         b, _, h, w = x_uint8.shape
         tops, lefts, flips = self.draw(b, h, w, generator)
         return self.apply(x_uint8, tops, lefts, flips)
-
-    def eval_transform(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        """Normalisation only (for evaluation)."""
-        return normalize(x_uint8, self.mean, self.std)
-
-
-def eval_transform(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Normalisation only; same as :func:`normalize`."""
-    return normalize(x_uint8, mean, std)

@@ -1,29 +1,28 @@
-"""CIFAR-10 / CIFAR-100 loading (official python pickles or an ``.npz`` layout), download,
-and per-class subset / validation splits."""
+"""CIFAR-10 / CIFAR-100: loading (official python pickles or an ``.npz`` layout), download, and
+their registration as datasets."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import math
 import os
 import pickle
+import shutil
 import tarfile
-import tempfile
-import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 
 from teskd.data.arrays import ImageArrays
+from teskd.data.registry import DatasetSpec, register_dataset
 from teskd.errors import TeskdError
-from teskd.fileio import file_digest
 
 # Official archives; module-level so tests can point them at a local file:// archive. A mirror can
 # be chosen with the environment variable TESKD_CIFAR100_URL / TESKD_CIFAR10_URL (see _archive_url);
@@ -311,64 +310,56 @@ def _read_pickles(fmt: _Format, folder: Path, train: bool) -> tuple[np.ndarray, 
 # --- download --------------------------------------------------------------------------------
 
 
-def _fetch(url: str, md5: str, dest: Path) -> None:
-    """Downloads ``url`` to ``dest`` through a temporary file, verifying its md5."""
+def _fetch(url: str, md5: str, archive: Path) -> None:
+    """Downloads ``url`` to ``archive`` with a progress bar and checks its MD5; a failed or bad
+    download is deleted. (torchvision's ``download_url`` cannot read the file:// URLs of mirrors
+    and tests, hence urllib.)"""
+    from torchvision.datasets.utils import calculate_md5
     from tqdm import tqdm
+    from tqdm.utils import CallbackIOWrapper
 
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    h = hashlib.md5()
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
-            size = resp.headers.get("Content-Length")
-            total = int(size) if size and size.isdigit() else None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"downloading {dest.name}",
-                      disable=total is None, leave=False) as bar:
-                for chunk in iter(lambda: resp.read(1 << 20), b""):
-                    out.write(chunk)
-                    h.update(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        tmp.unlink(missing_ok=True)
+        with urllib.request.urlopen(url, timeout=60) as resp, open(archive, "wb") as out, \
+                tqdm(total=int(resp.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                     unit_divisor=1024, desc=f"downloading {archive.name}", leave=False) as bar:
+            shutil.copyfileobj(CallbackIOWrapper(bar.update, resp, "read"), out)
+    except (OSError, ValueError) as err:  # urllib.error.URLError is an OSError
+        archive.unlink(missing_ok=True)
         raise TeskdError(f"could not download {url} ({_one_line(err)}); download it by hand and extract it "
-                         f"into {dest.parent}") from err
+                         f"into {archive.parent}") from err
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        archive.unlink(missing_ok=True)
         raise
-    got = h.hexdigest()
+    got = calculate_md5(archive)
     if got != md5:
-        tmp.unlink(missing_ok=True)
+        archive.unlink()
         raise TeskdError(f"checksum mismatch for {url}: expected md5 {md5}, got {got}; the bad download was "
-                         f"deleted, try again or download it by hand and extract it into {dest.parent}")
-    os.replace(tmp, dest)
+                         f"deleted, try again or download it by hand and extract it into {archive.parent}")
+
+
+def _check_member(archive: Path, dest: Path, member: tarfile.TarInfo) -> None:
+    """Refuses (before anything is written) a member that is not a plain file or folder inside ``dest``."""
+    name = member.name
+    if name.startswith(("/", "\\")) or os.path.isabs(name) or ".." in PurePosixPath(name).parts or ":" in name:
+        raise TeskdError(f"refusing to extract {archive}: member {name!r} has an unsafe path")
+    if not (member.isfile() or member.isdir()):
+        raise TeskdError(f"refusing to extract {archive}: member {name!r} is not a regular file or folder")
+    target = (dest / name).resolve()
+    if target != dest.resolve() and dest.resolve() not in target.parents:  # through a symlink already in dest
+        raise TeskdError(f"refusing to extract {archive}: member {name!r} leaves {dest}")
+
+
+# tarfile's "data" filter (Python >= 3.10.12 / 3.11.4) checks every member again while writing.
+_DATA_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
 def _safe_extract(archive: Path, dest: Path) -> None:
-    """Extracts regular files and folders only, refusing absolute paths and ``..``."""
-    dest_resolved = dest.resolve()
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = tar.getmembers()
-            for m in members:
-                parts = PurePosixPath(m.name).parts
-                if m.name.startswith(("/", "\\")) or os.path.isabs(m.name) or ".." in parts or ":" in m.name:
-                    raise TeskdError(f"refusing to extract {archive}: member {m.name!r} has an unsafe path")
-                if not (m.isfile() or m.isdir()):
-                    raise TeskdError(f"refusing to extract {archive}: member {m.name!r} is not a regular file "
-                                     f"or folder")
-                target = (dest / m.name).resolve()
-                if target != dest_resolved and dest_resolved not in target.parents:
-                    raise TeskdError(f"refusing to extract {archive}: member {m.name!r} leaves {dest}")
-            for m in members:
-                target = dest / m.name
-                if m.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = tar.extractfile(m)
-                with src, open(target, "wb") as out:
-                    for chunk in iter(lambda: src.read(1 << 20), b""):
-                        out.write(chunk)
+            for member in members:
+                _check_member(archive, dest, member)
+            tar.extractall(dest, members=members, **_DATA_FILTER)
     except TeskdError:
         raise
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
@@ -398,6 +389,8 @@ def download_cifar(name: str, root: str | os.PathLike) -> Path:
     The URL is the official one unless ``TESKD_CIFAR100_URL`` / ``TESKD_CIFAR10_URL`` names a
     mirror; either way the download must have the official archive's MD5.
     """
+    from torchvision.datasets.utils import check_integrity
+
     _format(name)
     root = Path(root)
     url, md5 = _archive_url(name), _archive_md5(name)
@@ -409,7 +402,8 @@ def download_cifar(name: str, root: str | os.PathLike) -> Path:
     if archive_name in ("", ".", ".."):  # a mirror URL without a file name
         archive_name = Path(urllib.parse.urlparse(URLS[name]).path).name
     archive = root / archive_name
-    if not (archive.is_file() and file_digest(archive, "md5") == md5):
+    if not check_integrity(archive, md5):
+        archive.unlink(missing_ok=True)  # an interrupted or bad earlier download
         _fetch(url, md5, archive)
     _safe_extract(archive, root)
     return archive
@@ -463,49 +457,9 @@ def load_cifar(name: str, root: str | os.PathLike, train: bool, download: bool =
     return ImageArrays(images, labels, classes)
 
 
-def _rank_in_class(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each image, its index within its class in file order; and the per-class counts."""
-    labels = labels.to(torch.int64).cpu()
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise TeskdError(f"labels must lie in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
-    counts = torch.bincount(labels, minlength=num_classes)
-    order = torch.sort(labels, stable=True).indices  # file order kept within each class
-    starts = torch.cumsum(counts, 0) - counts  # first sorted position of each class
-    rank = torch.empty_like(labels)
-    rank[order] = torch.arange(labels.numel()) - starts[labels[order]]
-    return rank, counts
+# The normalisation of the official TESKD code, used for both CIFAR variants.
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
-
-def first_k_per_class(labels: torch.Tensor, k: int, num_classes: int) -> torch.Tensor:
-    """Indices (ascending, int64) of the first ``k`` images of each class in file order."""
-    if k < 0:
-        raise TeskdError(f"the number of images per class must be >= 0, got {k}")
-    rank, counts = _rank_in_class(labels, num_classes)
-    short = (counts < k).nonzero().flatten().tolist()
-    if short:
-        shown = ", ".join(f"class {c} has {int(counts[c])}" for c in short[:5])
-        more = f" and {len(short) - 5} more" if len(short) > 5 else ""
-        raise TeskdError(f"cannot take {k} images per class: {len(short)} classes have fewer ({shown}{more})")
-    return (rank < k).nonzero().flatten()
-
-
-def split_val_per_class(arrays: ImageArrays, val_per_class: int) -> tuple[ImageArrays, ImageArrays | None]:
-    """Holds out the last ``val_per_class`` images of each class (file order) for validation.
-
-    Returns ``(train, val)``, both in file order; ``(arrays, None)`` for 0. Classes with no
-    images are ignored; a class with fewer than ``val_per_class`` images is an error.
-    """
-    if val_per_class < 0:
-        raise TeskdError(f"val_per_class must be >= 0, got {val_per_class}")
-    if val_per_class == 0:
-        return arrays, None
-    labels = arrays.labels.cpu()
-    num_classes = max(len(arrays.classes), int(labels.max()) + 1 if labels.numel() else 0)
-    rank, counts = _rank_in_class(labels, num_classes)
-    short = ((counts > 0) & (counts < val_per_class)).nonzero().flatten().tolist()
-    if short:
-        shown = ", ".join(f"class {c} has {int(counts[c])}" for c in short[:5])
-        raise TeskdError(f"cannot hold out {val_per_class} validation images per class: "
-                         f"{len(short)} classes have fewer ({shown})")
-    is_val = rank >= counts[labels] - val_per_class
-    return arrays.select(torch.nonzero(~is_val).flatten()), arrays.select(torch.nonzero(is_val).flatten())
+register_dataset(DatasetSpec("cifar100", 100, _CIFAR_MEAN, _CIFAR_STD, _IMAGE_SIZE, partial(load_cifar, "cifar100")))
+register_dataset(DatasetSpec("cifar10", 10, _CIFAR_MEAN, _CIFAR_STD, _IMAGE_SIZE, partial(load_cifar, "cifar10")))

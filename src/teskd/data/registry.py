@@ -1,18 +1,16 @@
 """The datasets the project knows: name -> how to load it and how to normalise it.
 
-Adding a dataset is one new module with a ``load(root, train, download) -> ImageArrays``
-function plus one ``register_dataset(DatasetSpec(...))`` line at the end of this file.
+Adding a dataset is one new module that ends with ``register_dataset(DatasetSpec(...))``
+plus one import line in ``teskd/data/__init__.py`` (the registry's built-ins).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 from teskd.data.arrays import ImageArrays
-from teskd.data.cifar import load_cifar
-from teskd.errors import TeskdError
+from teskd.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -25,27 +23,12 @@ class DatasetSpec:
     load: Callable[..., ImageArrays]  # load(root, train: bool, download: bool) -> ImageArrays
 
 
-DATASETS: dict[str, DatasetSpec] = {}
+DATASETS: Registry[DatasetSpec] = Registry("dataset", "teskd.data", "known datasets")
 
 
-def register_dataset(spec: DatasetSpec, *, replace: bool = False) -> DatasetSpec:
-    """Adds ``spec`` to :data:`DATASETS` under ``spec.name``."""
-    if spec.name in DATASETS and not replace:
-        raise TeskdError(f"a dataset named {spec.name!r} is already registered")
-    DATASETS[spec.name] = spec
-    return spec
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    return DATASETS.register(spec.name)(spec)
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:
-    try:
-        return DATASETS[name]
-    except KeyError as err:
-        raise TeskdError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}") from err
-
-
-# The normalisation of the official TESKD code, used for both CIFAR variants.
-_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-_CIFAR_STD = (0.2023, 0.1994, 0.2010)
-
-register_dataset(DatasetSpec("cifar100", 100, _CIFAR_MEAN, _CIFAR_STD, 32, partial(load_cifar, "cifar100")))
-register_dataset(DatasetSpec("cifar10", 10, _CIFAR_MEAN, _CIFAR_STD, 32, partial(load_cifar, "cifar10")))
+    return DATASETS.get(name)

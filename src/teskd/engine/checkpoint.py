@@ -223,23 +223,28 @@ def load_checkpoint(path: Path, accepted: list[str] | None = None) -> dict[str, 
     return validate_state(_torch_load(path), path)
 
 
-def load_model_weights(method: torch.nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
-    """``method.load_state_dict(weights)``; a mismatch becomes a one-line error starting with ``what``."""
-    own = method.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in weights and isinstance(weights[k], torch.Tensor) and weights[k].shape != own[k].shape]
-    parts = []
-    for label, items in (("shape differs (file vs model)", shapes), ("missing from the file", missing),
-                         ("not in the model", unexpected)):
-        if items:
-            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
-            parts.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
-    if parts:
-        raise TeskdError(f"{what} ({'; '.join(parts)})")
+def state_mismatch(model_state: dict, weights: dict) -> str | None:
+    """How ``weights`` differ from a module's state dict, in one line (the first few of each kind), or None."""
+    missing = [k for k in model_state if k not in weights]
+    unexpected = [k for k in weights if k not in model_state]
+    shapes = [f"{k} (file {list(weights[k].shape)}, model {list(model_state[k].shape)})" for k in model_state
+              if k in weights and isinstance(weights[k], torch.Tensor) and weights[k].shape != model_state[k].shape]
+
+    def first(items: list[str]) -> str:
+        return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+    parts = [f"{label} {first(items)}" for label, items in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
+    return "; ".join(parts) or None
+
+
+def load_model_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
+    """``module.load_state_dict(weights)``; a mismatch becomes a one-line error starting with ``what``."""
+    problem = state_mismatch(module.state_dict(), weights)
+    if problem:
+        raise TeskdError(f"{what}: {problem}")
     try:
-        method.load_state_dict(weights)
+        module.load_state_dict(weights)
     except RuntimeError as exc:
         raise TeskdError(f"{what} ({' '.join(str(exc).split())[:300]})") from exc
 

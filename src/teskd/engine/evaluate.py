@@ -1,34 +1,38 @@
-"""Top-1/top-5 accuracy of every branch a method exposes."""
+"""Top-1/top-5 accuracy of every branch a method exposes (summed over ranks when there are several)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
+from teskd.engine import distributed
 from teskd.engine.metrics import progress_interval, topk_correct
 from teskd.engine.runtime import autocast
 
 
 @torch.no_grad()
-def evaluate(method, loader, device: torch.device, amp_dtype=None, channels_last: bool = False,
+def evaluate(model, loader, device: torch.device, amp_dtype=None, channels_last: bool = False,
              progress: bool = False, desc: str = "eval") -> dict[str, dict[str, float]]:
-    """Returns ``{branch: {"top1": %, "top5": %}}`` over the whole loader."""
+    """Returns ``{branch: {"top1": %, "top5": %}}`` over the whole loader. ``model`` is a method (or its
+    wrapper): in eval mode, ``model(images)`` gives per-branch scores."""
     from tqdm import tqdm
 
-    was_training = method.training
-    method.eval()
-    correct = defaultdict(lambda: torch.zeros(2, dtype=torch.long))
+    was_training = model.training
+    model.eval()
+    correct: dict[str, torch.Tensor] = {}
     total = 0
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True,
-                               mininterval=progress_interval()):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True,
+                      mininterval=progress_interval()):
+        images, labels = batch[0], batch[1]
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
-            scores = method.forward_eval(images)
+            scores = model(images)
         for name, s in scores.items():
-            correct[name] += torch.tensor(topk_correct(s.float(), labels, (1, 5)))
+            correct[name] = correct.get(name, 0) + torch.tensor(topk_correct(s.float(), labels, (1, 5)))
         total += labels.shape[0]
-    method.train(was_training)
-    return {name: {"top1": 100.0 * int(c[0]) / total, "top5": 100.0 * int(c[1]) / total}
-            for name, c in correct.items()}
+    model.train(was_training)
+    names = list(correct)  # the method's branch order (the same on every rank)
+    packed = distributed.all_reduce_sum(torch.stack([correct[k] for k in names] + [torch.tensor([total, 0])])
+                                        .to(device)).tolist()
+    total = packed[-1][0]
+    return {name: {"top1": 100.0 * c[0] / total, "top5": 100.0 * c[1] / total} for name, c in zip(names, packed)}

@@ -1,4 +1,4 @@
-"""Device, precision, seeding and determinism settings from the config."""
+"""Device, precision, seeding and the process-wide torch switches, applied for a scope and then restored."""
 
 from __future__ import annotations
 
@@ -45,29 +45,71 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def configure(cfg: TrainConfig, device: torch.device) -> None:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) RNG states, in a form ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def settings(cfg: TrainConfig, device: torch.device):
+    """Apply threads, determinism and cuDNN/TF32 switches (and use the RNGs) inside the block only.
+
+    Everything process-wide that the block may change is put back afterwards, so creating and
+    running a Trainer in a notebook or a test leaves the host process as it was.
+    """
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"), rng_state())
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        elif device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        yield
+    finally:
+        threads, det, warn_only, bench, tf32_mm, tf32_cudnn, cublas, rng = saved
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = bench
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_mm, tf32_cudnn
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+        set_rng_state(rng)
 
 
 def prepare_model(method, cfg: TrainConfig, device: torch.device):
-    """Move to the device and apply the execution switches (channels_last, torch.compile).
+    """Move to the device and set the memory format; returns ``(method, model)``.
 
-    Compiling wraps ``forward_train``/``forward_eval`` on the instance; parameters and
-    the state dict are untouched, so checkpoints are the same with or without it.
+    ``model`` is what the engine calls: the method itself, or ``torch.compile(method)`` (a wrapper
+    module; the method, its parameters and its state dict are untouched).
     """
     method.to(device)
     if cfg.channels_last:
         method.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        method.forward_train = torch.compile(method.forward_train)
-        method.forward_eval = torch.compile(method.forward_eval)
-    return method
+    model = torch.compile(method) if cfg.compile else method
+    return method, model

@@ -1,59 +1,100 @@
-"""The method contract: a batch in, a loss with named parts and named logits out."""
+"""The method contract: the module that trains.
+
+A method is an ``nn.Module`` whose ``forward`` does all trainable work, so
+``DistributedDataParallel(method)`` and ``torch.compile(method)`` wrap it like any module:
+
+* training mode: ``method(images, labels, index)`` returns a :class:`StepOutput` (the loss,
+  its named parts, and every branch's logits);
+* eval mode: ``method(images)`` returns ``{branch: scores}``; ``deploy_branch`` names the
+  branch that ships (TESKD: ``teacher``) and ``deploy_module`` is that network alone.
+
+A method also says what the optimizer sees (:meth:`param_groups`; frozen modules stay out
+of it and in eval mode) and may replace the default training step, one backward and one
+optimizer step (:meth:`training_step`), e.g. to step two peer networks in turn.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from teskd.config import MethodParams, register_method_params
-from teskd.models.backbones.base import Backbone
+from teskd.config import MethodParams
+from teskd.registry import METHODS
 
 
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # scalar to backpropagate
     parts: dict[str, torch.Tensor]  # named, weighted loss terms (for logs); they sum to ``loss``
-    logits: dict[str, torch.Tensor]  # per branch; "teacher" is the deployed network
+    logits: dict[str, torch.Tensor]  # per branch
 
 
 class Method(nn.Module):
-    """A training method wraps the backbone (the deployed teacher) and any helper modules.
-
-    Subclasses implement ``forward_train`` and ``forward_eval``; the engine never
-    looks inside a method beyond these names, so adding a method is one file
-    plus its ``@register_method`` line.
-    """
+    """Subclasses implement ``forward_train`` and ``forward_eval``; callers use ``forward`` (``method(...)``)."""
 
     name: ClassVar[str]
     params_class: ClassVar[type[MethodParams]]
+    deploy_branch: ClassVar[str] = "teacher"
 
-    def __init__(self, backbone: Backbone, num_classes: int, params: MethodParams):
+    def __init__(self, backbone: nn.Module, num_classes: int, params: MethodParams, input_size: int = 32):
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.params = params
+        self.input_size = input_size  # the training image size (helpers sized from feature maps need it)
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                index: torch.Tensor | None = None) -> StepOutput | dict[str, torch.Tensor]:
+        if self.training:
+            if labels is None:
+                raise ValueError(f"{type(self).__name__} in training mode needs labels")
+            return self.forward_train(images, labels, index)
+        return self.forward_eval(images)
+
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
+                      index: torch.Tensor | None = None) -> StepOutput:
         raise NotImplementedError
 
     def forward_eval(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Scores per branch (argmax = prediction); must include ``teacher``."""
+        """Scores per branch (argmax = prediction); must include ``deploy_branch``."""
         raise NotImplementedError
 
     @property
-    def deploy_module(self) -> Backbone:
-        """The network that ships: the plain backbone, students dropped."""
+    def deploy_module(self) -> nn.Module:
+        """The network that ships: the plain backbone, helpers dropped."""
         return self.backbone
 
+    # --- what trains ----------------------------------------------------------------------------
 
-METHODS: dict[str, type[Method]] = {}
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules that never train (e.g. a pretrained teacher in classic KD): no optimizer, eval mode."""
+        return []
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups; by default every parameter outside the frozen modules."""
+        frozen = {id(p) for m in self.frozen_modules() for p in m.parameters()}
+        return [{"params": [p for p in self.parameters() if id(p) not in frozen and p.requires_grad]}]
+
+    def train(self, mode: bool = True) -> "Method":
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    def training_step(self, model: nn.Module, batch, opt) -> StepOutput:
+        """One optimisation step on ``batch``. ``model`` is this method or its DDP/compiled wrapper: call it
+        (not ``self``) so that gradients are synchronised. ``opt`` is an :class:`~teskd.engine.step.Optimization`."""
+        with opt.autocast():
+            out = model(batch[0], batch[1], batch[2] if len(batch) > 2 else None)
+        opt.zero_grad()
+        opt.backward(out.loss)
+        opt.step()
+        return out
 
 
 def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``cls`` available as ``method.name=<cls.name>``."""
-    METHODS[cls.name] = cls
-    register_method_params(cls.name)(cls.params_class)
-    return cls
+    """Class decorator: make ``cls`` available as ``method.name=<cls.name>`` (with its ``params_class``)."""
+    return METHODS.register(cls.name)(cls)

@@ -28,7 +28,7 @@ class CE(Method):
     name = "ce"
     params_class = CEParams
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, index=None) -> StepOutput:
         logits = self.backbone(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.params.label_smoothing)
         return StepOutput(loss=loss, parts={"ce": loss.detach()}, logits={"teacher": logits})

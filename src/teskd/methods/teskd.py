@@ -20,10 +20,8 @@ from teskd.config import MethodParams
 from teskd.errors import TeskdError
 from teskd.losses import kd_kl, masked_feature_l2
 from teskd.methods.base import Method, StepOutput, register_method
-from teskd.models.network import default_student_width
-from teskd.models.students import HierarchicalStudents
+from teskd.models.students import LEVELS, HierarchicalStudents
 
-LEVELS = (1, 2, 3)
 KD_DIRECTIONS = ("teacher_to_student", "student_to_teacher")
 
 
@@ -104,14 +102,12 @@ class TESKD(Method):
     name = "teskd"
     params_class = TeskdParams
 
-    def __init__(self, backbone, num_classes: int, params: TeskdParams):
-        super().__init__(backbone, num_classes, params)
-        width = params.student_width or default_student_width(backbone)
-        self.students = HierarchicalStudents(backbone.stage_info, num_classes, width=width,
-                                             levels=tuple(sorted(params.levels)),
-                                             branch_stage=backbone.branch_stage)
-        backbone.init_students(self.students)
-        self.students.fast = params.fast_students
+    def __init__(self, backbone, num_classes: int, params: TeskdParams, input_size: int = 32):
+        super().__init__(backbone, num_classes, params, input_size)
+        # initialised like the backbone, as the official models run their init over every module
+        self.students = HierarchicalStudents(backbone.stage_info, num_classes, width=params.student_width,
+                                             levels=params.levels, input_size=input_size,
+                                             fast=params.fast_students, init=backbone.weight_init)
         self.use_feature_loss = params.feature_loss and params.feat_weight > 0
         if self.use_feature_loss:
             wrong = {lvl: self.students.widths[lvl] for lvl in params.levels
@@ -131,7 +127,7 @@ class TESKD(Method):
             students = self.students(stages)
         return logits_t, feat_t, students
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, index=None) -> StepOutput:
         p = self.params
         logits_t, feat_t, students = self._branches(images)
         w = p.branch_ce_weights

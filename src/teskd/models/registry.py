@@ -7,7 +7,6 @@ family means one new file plus one import line in ``teskd/models/__init__.py``.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 from teskd.errors import TeskdError
@@ -23,7 +22,7 @@ def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]
 
     def decorator(factory: BackboneFactory) -> BackboneFactory:
         if name in _BACKBONES and _BACKBONES[name] is not factory:
-            raise TeskdError(f"backbone {name!r} is registered twice")
+            raise ValueError(f"backbone {name!r} is registered twice")
         _BACKBONES[name] = factory
         return factory
 
@@ -36,12 +35,9 @@ def list_backbones() -> list[str]:
 
 
 def build_backbone(arch: str, num_classes: int, width_mult: float = 1.0) -> Backbone:
-    """Build the registered backbone ``arch`` with a ``num_classes``-way head."""
+    """Build the registered backbone ``arch`` (a user's choice: unknown names are a TeskdError)
+    with a ``num_classes``-way head; ``num_classes`` and ``width_mult`` are validated by the caller."""
     if arch not in _BACKBONES:
         known = ", ".join(list_backbones()) or "(none)"
         raise TeskdError(f"unknown architecture {arch!r}; known: {known}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise TeskdError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or not (width_mult > 0 and math.isfinite(width_mult)):
-        raise TeskdError(f"width_mult must be a positive number, got {width_mult!r}")
     return _BACKBONES[arch](num_classes, float(width_mult))

@@ -11,12 +11,13 @@ each requested level (spec section 2, official ``CIFAR_ResNet`` in
         S_L = fuse_L(cat[U_L + lateral_{L-1}(T_L), U_L])
     student L:  f_L = flatten(avgpool(downsample_L(S_L)));  logits_L = fc_bL(f_L)
 
-Every module has the single width C (``width``; the faithful choice is the last
-stage's channel count, 512 x expansion). ``r`` is reduction(T_{L+1}) / reduction(T_L)
+Every module has the single width C (``width``; the faithful choice, the default, is the
+last stage's channel count, 512 x expansion). ``r`` is reduction(T_{L+1}) / reduction(T_L)
 (2 for ResNets and VGG) and the auxiliary branch ``downsample_L`` is a k x k, stride-k
-conv with k = reduction(T_B) / reduction(T_L), B = ``branch_stage`` (the backbone's
-``Backbone.branch_stage``), so each level reaches the T_B size before pooling:
-B = 4 and k = 8, 4, 2 for CIFAR ResNets, B = 3 and k = 4, 2, 1 for CIFAR VGG.
+conv with k = reduction(T_B) / reduction(T_L), so each level reaches the T_B size before
+pooling. B (``branch_stage``) is the deepest stage whose map is at least 2x2 at the input
+size: at 32 px, B = 4 and k = 8, 4, 2 for the CIFAR ResNets, B = 3 and k = 4, 2, 1 for
+CIFAR VGG, whose T4 is 1x1 (both as in the official code).
 
 Per-level widths (an ablation, not in the paper): ``width`` may instead be a mapping
 {1: C1, 2: C2, 3: C3} (all three levels, even unrequested ones, because the top-down
@@ -50,156 +51,140 @@ shallowest requested level: the laterals, upsamples and fuses below it are not
 built, and neither are the branches/heads of unrequested levels (fuses of deeper,
 unrequested levels are built, since the path goes through them).
 
-This is the plain reference implementation; faster exact rewrites must match it.
+``fast`` (fixed at construction) runs the exact rewrites of ``students_fast.py``;
+``forward_reference`` is the plain formulation, module by module as in the official code.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from teskd.errors import TeskdError
 from teskd.models.backbones.base import StageInfo
+from teskd.models.students_fast import fast_forward
 
 LEVELS = (1, 2, 3)
+Outputs = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def _conv_bn_relu(in_ch: int, out_ch: int, inplace: bool = True) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, kernel_size=1, bias=False),
-        nn.BatchNorm2d(out_ch),
-        nn.ReLU(inplace=inplace),
-    )
+def _layer(index: int) -> property:
+    """A Sequential's layer by name; the indices stay, as they are the official state-dict keys."""
+    return property(lambda self: self[index])
 
 
-def _upsample_block(in_ch: int, out_ch: int, scale: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=True),
-        nn.Conv2d(in_ch, out_ch, kernel_size=1, bias=False),
-        nn.BatchNorm2d(out_ch),
-        nn.ReLU(),
-    )
+class ConvBNReLU(nn.Sequential):
+    """0: 1x1 conv without bias, 1: BN, 2: ReLU (the laterals and fuses)."""
+
+    conv, bn = _layer(0), _layer(1)
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(nn.Conv2d(in_ch, out_ch, kernel_size=1, bias=False), nn.BatchNorm2d(out_ch),
+                         nn.ReLU(inplace=True))
 
 
-def _auxiliary_branch(width: int, kernel: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(width, width, kernel_size=kernel, stride=kernel, bias=True),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        nn.Conv2d(width, width, kernel_size=1, bias=True),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-    )
+class UpsampleBlock(nn.Sequential):
+    """0: bilinear x ``scale`` (align_corners), 1: 1x1 conv without bias, 2: BN, 3: ReLU."""
+
+    up, conv, bn = _layer(0), _layer(1), _layer(2)
+
+    def __init__(self, in_ch: int, out_ch: int, scale: int):
+        super().__init__(nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=True),
+                         nn.Conv2d(in_ch, out_ch, kernel_size=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU())
+
+
+class AuxiliaryBranch(nn.Sequential):
+    """0: k x k stride-k conv, 1: BN, 2: ReLU, 3: 1x1 conv, 4: BN, 5: ReLU (both convs with bias)."""
+
+    conv1, bn1, conv2, bn2 = _layer(0), _layer(1), _layer(3), _layer(4)
+
+    def __init__(self, width: int, kernel: int):
+        super().__init__(nn.Conv2d(width, width, kernel_size=kernel, stride=kernel), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, width, kernel_size=1), nn.BatchNorm2d(width), nn.ReLU())
 
 
 def _ratio(deep: StageInfo, shallow: StageInfo, what: str) -> int:
-    """reduction(deep) / reduction(shallow); a TeskdError unless it is an integer >= 1."""
-    if shallow.reduction <= 0 or deep.reduction < shallow.reduction or deep.reduction % shallow.reduction != 0:
-        raise TeskdError(
-            f"students need integer stage-reduction ratios >= 1 for the {what}, "
-            f"got reductions {shallow.reduction} and {deep.reduction}"
-        )
+    """reduction(deep) / reduction(shallow), which must be an integer >= 1."""
+    if deep.reduction < shallow.reduction or deep.reduction % shallow.reduction != 0:
+        raise ValueError(f"students need integer stage-reduction ratios >= 1 for the {what}, "
+                         f"got reductions {shallow.reduction} and {deep.reduction}")
     return deep.reduction // shallow.reduction
 
 
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _level_widths(width: int | Mapping[int, int]) -> dict[int, int]:
-    """``{1: C1, 2: C2, 3: C3}`` from a single width or a per-level mapping (all three levels)."""
-    if isinstance(width, Mapping):
-        if set(width) != set(LEVELS) or not all(_is_positive_int(w) for w in width.values()):
-            raise TeskdError(
-                f"per-level student widths must map each of the levels 1, 2, 3 to a positive integer, "
-                f"got {dict(width)!r}"
-            )
-        return {level: width[level] for level in LEVELS}
-    if not _is_positive_int(width):
-        raise TeskdError(f"student width must be a positive integer or a {{level: width}} mapping, got {width!r}")
-    return {level: width for level in LEVELS}
+def branch_stage(stage_info: Sequence[StageInfo], input_size: int) -> int:
+    """The deepest stage (1-based) whose map is at least 2x2 for ``input_size`` px inputs."""
+    stages = [i + 1 for i, info in enumerate(stage_info) if input_size // info.reduction >= 2]
+    if not stages:
+        raise ValueError(f"no stage map is 2x2 or larger at input size {input_size}")
+    return stages[-1]
 
 
 class HierarchicalStudents(nn.Module):
-    """The students' top-down fusion, auxiliary branches and heads (see module docstring)."""
+    """The students' top-down fusion, auxiliary branches and heads (see module docstring).
 
-    def __init__(
-        self,
-        stage_info: Sequence[StageInfo],
-        num_classes: int,
-        width: int | Mapping[int, int],
-        levels: Sequence[int] = LEVELS,
-        branch_stage: int = 4,
-    ):
+    ``width``: C, or {1: C1, 2: C2, 3: C3}, or None for the faithful C (the last stage's
+    channels). ``input_size`` (px) sets ``branch_stage``. ``init``, if given, is applied to
+    the built modules (the official VGG and ResNeXt models run their backbone's
+    initialisation over the students too). The caller validates levels and widths.
+    """
+
+    def __init__(self, stage_info: Sequence[StageInfo], num_classes: int,
+                 width: int | Mapping[int, int] | None = None, levels: Sequence[int] = LEVELS,
+                 input_size: int = 32, fast: bool = True, init: Callable[[nn.Module], None] | None = None):
         super().__init__()
-        stage_info = tuple(stage_info)
-        if len(stage_info) != 4:
-            raise TeskdError(f"students need a 4-stage backbone, got {len(stage_info)} stages")
-        levels = tuple(sorted(levels))
-        if not levels or len(set(levels)) != len(levels) or not set(levels) <= set(LEVELS):
-            raise TeskdError(f"student levels must be a non-empty subset of {{1, 2, 3}}, got {list(levels)}")
-        widths = _level_widths(width)
-        if not _is_positive_int(num_classes):
-            raise TeskdError(f"num_classes must be a positive integer, got {num_classes!r}")
-        if not _is_positive_int(branch_stage) or branch_stage > 4:
-            raise TeskdError(f"branch_stage must be a stage number 1..4, got {branch_stage!r}")
+        if len(stage_info) != 4 or not levels or not set(levels) <= set(LEVELS):
+            raise ValueError(f"students need 4 stages and levels among {LEVELS}, got {len(stage_info)} "
+                             f"stages and levels {list(levels)}")
+        width = stage_info[-1].channels if width is None else width
+        self.widths = dict(width) if isinstance(width, Mapping) else dict.fromkeys(LEVELS, width)
+        if sorted(self.widths) != list(LEVELS):
+            raise ValueError(f"per-level student widths need exactly the levels {LEVELS}, got {self.widths}")
+        self.levels = tuple(sorted(set(levels)))
+        self.branch_stage = branch_stage(stage_info, input_size)
+        self._fast = fast
+        self._build(tuple(stage_info), num_classes)
+        if init is not None:
+            init(self)
 
-        self.stage_info = stage_info
-        self.levels = levels
-        self.widths = widths  # level -> width, levels 1..3
-        # the single width C, or None when the levels' widths differ
-        self.width = widths[1] if len(set(widths.values())) == 1 else None
-        self.branch_stage = branch_stage
-        self.num_classes = num_classes
-        self.fast = True  # use the exact rewrites of students_fast.py in forward()
-        lowest = levels[0]  # the shallowest requested level; the path stops there
+    def _build(self, stage_info: tuple[StageInfo, ...], num_classes: int) -> None:
+        lowest, widths = self.levels[0], self.widths  # the path stops at the shallowest requested level
 
         def level_width(level: int) -> int:  # C_L, with C4 := C3 (the width of S4)
             return widths[min(level, 3)]
 
         # lateral i reads T(i+1) and has the width of S(i+1); needed for the levels lowest..3 and for T4
         self.laterals = nn.ModuleDict(
-            {str(i): _conv_bn_relu(stage_info[i].channels, level_width(i + 1)) for i in range(lowest - 1, 4)}
-        )
+            {str(i): ConvBNReLU(stage_info[i].channels, level_width(i + 1)) for i in range(lowest - 1, 4)})
         # upsample j brings S(j+2) to the size and width of S(j+1); fuse_L builds S_L for L = j+1
-        self.upsample = nn.ModuleDict(
-            {
-                str(j): _upsample_block(
-                    level_width(j + 2),
-                    level_width(j + 1),
-                    _ratio(stage_info[j + 1], stage_info[j], "top-down upsampling"),
-                )
-                for j in range(lowest - 1, 3)
-            }
-        )
+        self.upsample = nn.ModuleDict({
+            str(j): UpsampleBlock(level_width(j + 2), level_width(j + 1),
+                                  _ratio(stage_info[j + 1], stage_info[j], "top-down upsampling"))
+            for j in range(lowest - 1, 3)})
         for level in range(lowest, 4):
-            self.add_module(f"fuse_{level}", _conv_bn_relu(2 * widths[level], widths[level]))
-        for level in levels:
-            what = f"auxiliary branch of level {level} (branch_stage {branch_stage})"
-            kernel = _ratio(stage_info[branch_stage - 1], stage_info[level - 1], what)
-            self.add_module(f"downsample{level}", _auxiliary_branch(widths[level], kernel))
+            self.add_module(f"fuse_{level}", ConvBNReLU(2 * widths[level], widths[level]))
+        target = stage_info[self.branch_stage - 1]
+        for level in self.levels:
+            kernel = _ratio(target, stage_info[level - 1], f"auxiliary branch of level {level}")
+            self.add_module(f"downsample{level}", AuxiliaryBranch(widths[level], kernel))
             self.add_module(f"fc_b{level}", nn.Linear(widths[level], num_classes))
 
     @property
-    def names(self) -> tuple[str, ...]:
-        """Output keys, shallowest first."""
-        return tuple(f"student{level}" for level in self.levels)
+    def fast(self) -> bool:
+        """Whether ``forward`` runs the exact rewrites of ``students_fast.py`` (fixed at construction)."""
+        return self._fast
 
-    def fuse(self, level: int) -> nn.Module:
+    def fuse(self, level: int) -> ConvBNReLU:
         return self.get_submodule(f"fuse_{level}")
 
-    def branch(self, level: int) -> nn.Module:
+    def branch(self, level: int) -> AuxiliaryBranch:
         return self.get_submodule(f"downsample{level}")
 
-    def head(self, level: int) -> nn.Module:
+    def head(self, level: int) -> nn.Linear:
         return self.get_submodule(f"fc_b{level}")
 
     def top_down(self, stages: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
         """The fused maps S_L for L = 3 down to the shallowest requested level."""
-        if len(stages) != 4:
-            raise TeskdError(f"students expect the 4 stage outputs T1..T4, got {len(stages)} tensors")
         fused: dict[int, torch.Tensor] = {}
         above = self.laterals["3"](stages[3])  # S4
         for level in range(3, self.levels[0] - 1, -1):
@@ -209,25 +194,16 @@ class HierarchicalStudents(nn.Module):
             fused[level] = above
         return fused
 
-    def forward(self, stages: Sequence[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{"student<L>": (logits, feature)}`` for each requested level, shallowest first.
+    def forward(self, stages: Sequence[torch.Tensor]) -> Outputs:
+        """``{"student<L>": (logits, feature)}`` for each requested level, shallowest first;
+        ``feature`` is the pooled output of the level's auxiliary branch, shape (B, C_L)."""
+        assert len(stages) == 4, f"students read the 4 stage outputs T1..T4, got {len(stages)}"
+        return fast_forward(self, stages) if self._fast else self.forward_reference(stages)
 
-        ``feature`` is the pooled output of the level's auxiliary branch, shape (B, C_L).
-        With ``self.fast`` (the default) an exactly equivalent, faster formulation runs
-        (``students_fast.py``); ``forward_reference`` is the plain one.
-        """
-        if self.fast:
-            from teskd.models.students_fast import fast_forward
-
-            if len(stages) != 4:
-                raise TeskdError(f"students expect the 4 stage outputs T1..T4, got {len(stages)} tensors")
-            return fast_forward(self, stages)
-        return self.forward_reference(stages)
-
-    def forward_reference(self, stages: Sequence[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def forward_reference(self, stages: Sequence[torch.Tensor]) -> Outputs:
         """The plain formulation, module by module as in the official code."""
         fused = self.top_down(stages)
-        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        out: Outputs = {}
         for level in self.levels:
             feature = torch.flatten(nn.functional.adaptive_avg_pool2d(self.branch(level)(fused[level]), 1), 1)
             out[f"student{level}"] = (self.head(level)(feature), feature)

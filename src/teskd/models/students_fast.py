@@ -2,7 +2,7 @@
 
 Each rewrite is algebra, not an approximation; ``tests/test_students_fast.py`` compares
 outputs and every parameter gradient with the plain reference formulation
-(``HierarchicalStudents.forward_reference``):
+(``HierarchicalStudents.forward_reference``); ``HierarchicalStudents(..., fast=True)`` runs them:
 
 1. **Upsample blocks**: bilinear upsampling (a fixed linear map over space) and a bias-free
    1x1 convolution (a linear map over channels) commute, so ``conv(up(x)) = up(conv(x))``;
@@ -26,29 +26,30 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from teskd.models.students import HierarchicalStudents
+    from teskd.models.students import AuxiliaryBranch, ConvBNReLU, HierarchicalStudents, UpsampleBlock
+
+# The blocks' convolutions are bias-free (ConvBNReLU, UpsampleBlock), which rewrites 1 and 2 rely on.
 
 
 def _bn_relu(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.relu(bn(x), inplace=True)
 
 
-def _conv_bn_relu(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    return _bn_relu(block[1], block[0](x))
+def _conv_bn_relu(block: "ConvBNReLU", x: torch.Tensor) -> torch.Tensor:
+    return _bn_relu(block.bn, block.conv(x))
 
 
-def _upsample(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    up, conv, bn = block[0], block[1], block[2]
-    return _bn_relu(bn, up(F.conv2d(x, conv.weight)))  # rewrite 1: 1x1 conv before upsampling
+def _upsample(block: "UpsampleBlock", x: torch.Tensor) -> torch.Tensor:
+    return _bn_relu(block.bn, block.up(F.conv2d(x, block.conv.weight)))  # rewrite 1: 1x1 conv before upsampling
 
 
-def _fuse(block: nn.Sequential, up: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
-    weight = block[0].weight  # (C, 2C, 1, 1) over cat[up + lateral, up]
+def _fuse(block: "ConvBNReLU", up: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
+    weight = block.conv.weight  # (C, 2C, 1, 1) over cat[up + lateral, up]
     c = up.shape[1]
     w_a = weight[:, :c]
     out = F.conv2d(up, w_a + weight[:, c:])  # rewrite 2: no concatenation
     out.add_(F.conv2d(lateral, w_a))  # in place: a conv's backward does not need its output
-    return _bn_relu(block[1], out)
+    return _bn_relu(block.bn, out)
 
 
 def patch_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -71,9 +72,9 @@ def patch_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(b, ho, wo, conv.out_channels).permute(0, 3, 1, 2)  # channels-last memory
 
 
-def _branch(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    y = _bn_relu(block[1], patch_conv(block[0], x))
-    return _bn_relu(block[4], block[3](y))
+def _branch(block: "AuxiliaryBranch", x: torch.Tensor) -> torch.Tensor:
+    y = _bn_relu(block.bn1, patch_conv(block.conv1, x))
+    return _bn_relu(block.bn2, block.conv2(y))
 
 
 def fast_forward(students: "HierarchicalStudents",

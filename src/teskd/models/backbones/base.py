@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -14,27 +15,25 @@ class StageInfo:
 
     channels: int
     reduction: int  # spatial stride relative to the input image
+    module: str  # the name of the backbone's child module that outputs it
 
 
 class Backbone(nn.Module):
     """A 4-stage CNN classifier that knows nothing about students.
 
     Subclasses set ``stage_info`` (4 entries, shallow to deep) and ``num_features``
-    (the size of the pooled feature fed to the head), and implement
-    ``forward_stages`` and ``forward_head``. ``forward`` returns logits only, so
-    the module (and its state dict) is exactly what gets deployed.
-
-    ``branch_stage`` (1-based) names the stage whose resolution TESKD's student
-    auxiliary branches reduce every level to before pooling: 4 (the T4 size) for
-    the ResNets, 3 for VGG, whose T4 is 1x1 (official code).
+    (the size of the pooled feature fed to the head ``head_name``) and implement
+    ``forward_stem``; the default ``forward_stages`` runs the stem, then each stage
+    module in turn. ``forward`` returns logits only, so the module (and its state
+    dict) is exactly what gets deployed.
     """
 
     stage_info: tuple[StageInfo, ...]
     num_features: int
-    branch_stage: int = 4
-    # the default forward: stem -> these four stage modules -> global average pool -> head module
-    stage_names: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
     head_name: str = "fc"
+    # the family's official weight initialisation (None: PyTorch's defaults); the official
+    # training models apply it to every module they hold, so it is exposed for reuse
+    weight_init: ClassVar[Callable[[nn.Module], None] | None] = None
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -42,8 +41,8 @@ class Backbone(nn.Module):
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.forward_stem(x)
         stages = []
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
+        for info in self.stage_info:
+            x = getattr(self, info.module)(x)
             stages.append(x)
         return stages
 
@@ -54,11 +53,3 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_stages(x)[-1])[0]
-
-    def init_students(self, students: nn.Module) -> None:
-        """Initialise student modules built for this backbone the way its official code does.
-
-        The official ResNet and SE-ResNet models leave the students at PyTorch's
-        defaults (this no-op); the official VGG and ResNeXt models run their init
-        loop over the whole model, students included, and override this.
-        """

@@ -16,7 +16,7 @@ shape changes, otherwise the identity with no module, as ``downsample=None`` the
 * ResNeXt-18/34 use a plain, NON-grouped BasicBlock (expansion 1) whose first conv is
   twice as wide: ``conv1`` 3x3 in -> 2 planes (stride), ``bn1``, ReLU, ``conv2`` 3x3
   2 planes -> planes, ``bn2``, add, ReLU. This is exactly
-  :class:`teskd.models.backbones.resnet.BasicBlock` with ``mid_ch = 2 x out_ch``.
+  :class:`teskd.models.backbones._layers.BasicBlock` with ``mid_ch = 2 x out_ch``.
 * ResNeXt-50 uses a grouped Bottleneck (expansion 4, 32 groups, width 2 planes):
   ``conv1`` 1x1 in -> 2 planes, ``bn1``, ReLU, ``conv2`` 3x3 2 planes -> 2 planes,
   groups 32, stride, ``bn2``, ReLU, ``conv3`` 1x1 2 planes -> 4 planes, ``bn3``, add, ReLU.
@@ -42,8 +42,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from teskd.models.backbones._layers import BasicBlock, Bottleneck, add_resnet_stages, conv3x3, scale_channels
 from teskd.models.backbones.base import Backbone
-from teskd.models.backbones.resnet import BasicBlock, add_resnet_stages, conv1x1, conv3x3, projection, scale_channels
 from teskd.models.registry import register_backbone
 
 CARDINALITY = 32
@@ -64,31 +64,8 @@ def group_count(channels: int, cardinality: int = CARDINALITY) -> int:
     return max(g for g in range(1, min(channels, cardinality) + 1) if channels % g == 0)
 
 
-class GroupedBottleneck(nn.Module):
-    """1x1 reduce, grouped 3x3 (carries the stride), 1x1 expand (expansion 4)."""
-
-    expansion = 4
-
-    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, stride: int = 1, cardinality: int = CARDINALITY):
-        super().__init__()
-        self.conv1 = conv1x1(in_ch, mid_ch)
-        self.bn1 = nn.BatchNorm2d(mid_ch)
-        self.conv2 = nn.Conv2d(
-            mid_ch, mid_ch, kernel_size=3, stride=stride, padding=1, bias=False,
-            groups=group_count(mid_ch, cardinality),
-        )
-        self.bn2 = nn.BatchNorm2d(mid_ch)
-        self.conv3 = conv1x1(mid_ch, out_ch)
-        self.bn3 = nn.BatchNorm2d(out_ch)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = projection(in_ch, out_ch, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+def _grouped_bottleneck(in_ch: int, mid_ch: int, out_ch: int, stride: int) -> Bottleneck:
+    return Bottleneck(in_ch, mid_ch, out_ch, stride, groups=group_count(mid_ch))
 
 
 class CifarResNeXt(Backbone):
@@ -98,22 +75,18 @@ class CifarResNeXt(Backbone):
     Bottlenecks (ResNeXt-50).
     """
 
+    weight_init = staticmethod(_init_official_resnext)
+
     def __init__(self, bottleneck: bool, num_blocks: Sequence[int], num_classes: int, width_mult: float = 1.0):
         super().__init__()
         stem_ch = scale_channels(64, width_mult)
         self.conv1 = nn.Sequential(conv3x3(3, stem_ch))
         self.bn1 = nn.BatchNorm2d(stem_ch)
         self.relu = nn.ReLU(inplace=True)
-
-        block = GroupedBottleneck if bottleneck else BasicBlock  # BasicBlock with mid = 2x: wide first conv
-        widths = lambda planes: (scale_channels(2 * planes, width_mult),  # noqa: E731
-                                 scale_channels(planes * (4 if bottleneck else 1), width_mult))
-        self.fc = nn.Linear(add_resnet_stages(self, stem_ch, num_blocks, block, widths), num_classes)
-
+        block = _grouped_bottleneck if bottleneck else BasicBlock  # mid = 2 x planes: BasicBlock's first conv is wide
+        out_ch = add_resnet_stages(self, stem_ch, num_blocks, block, width_mult, mid=2, expansion=4 if bottleneck else 1)
+        self.fc = nn.Linear(out_ch, num_classes)
         _init_official_resnext(self)
-
-    def init_students(self, students: nn.Module) -> None:
-        _init_official_resnext(students)  # the official loop runs after the students are built
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(self.conv1(x)))

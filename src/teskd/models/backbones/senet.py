@@ -56,8 +56,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from teskd.models.backbones._layers import add_resnet_stages, scale_channels
 from teskd.models.backbones.base import Backbone
-from teskd.models.backbones.resnet import add_resnet_stages, scale_channels
 from teskd.models.registry import register_backbone
 
 SE_REDUCTION = 16
@@ -144,7 +144,6 @@ class BottleneckResidualSEBlock(_SEBlock):
 class CifarSEResNet(Backbone):
     """SE-ResNet with the CIFAR stem; stages T1..T4 at reductions 1, 2, 4, 8."""
 
-    stage_names = ("stage1", "stage2", "stage3", "stage4")  # official names
     head_name = "linear"
 
     def __init__(
@@ -157,10 +156,9 @@ class CifarSEResNet(Backbone):
         super().__init__()
         stem_ch = scale_channels(64, width_mult)
         self.pre = nn.Sequential(_conv(3, stem_ch, 3), nn.BatchNorm2d(stem_ch), nn.ReLU(inplace=True))
-
-        widths = lambda planes: (scale_channels(planes, width_mult),  # noqa: E731
-                                 scale_channels(planes * block.expansion, width_mult))
-        self.linear = nn.Linear(add_resnet_stages(self, stem_ch, num_blocks, block, widths), num_classes)
+        out_ch = add_resnet_stages(self, stem_ch, num_blocks, block, width_mult, expansion=block.expansion,
+                                   names=("stage1", "stage2", "stage3", "stage4"))  # official names
+        self.linear = nn.Linear(out_ch, num_classes)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.pre(x)

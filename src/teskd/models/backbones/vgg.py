@@ -15,8 +15,7 @@ load unchanged)::
 
 with n = 3 (VGG-16) or 4 (VGG-19). Inside ``layerK`` the indices are 3i (conv), 3i + 1
 (BN), 3i + 2 (ReLU) for the i-th conv, then the max-pool. Stage reductions are 4, 8,
-16, 32 (sizes 8, 4, 2, 1 for a 32x32 input). The students' auxiliary branches reduce
-every level to the T3 size (``branch_stage = 3``), as in the official code.
+16, 32 (sizes 8, 4, 2, 1 for a 32x32 input).
 
 Initialisation as in the official code: convs Kaiming-normal (fan_out, ReLU) with zero
 bias, BN weight 1 / bias 0, Linear weight N(0, 0.01) with zero bias.
@@ -30,8 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from teskd.models.backbones._layers import scale_channels
 from teskd.models.backbones.base import Backbone, StageInfo
-from teskd.models.backbones.resnet import scale_channels
 from teskd.models.registry import register_backbone
 
 STAGE_CHANNELS = (128, 256, 512, 512)
@@ -65,8 +64,8 @@ def init_official_vgg(module: nn.Module) -> None:
 class CifarVGG(Backbone):
     """VGG with BN for 32x32 inputs; stages T1..T4 at reductions 4, 8, 16, 32."""
 
-    branch_stage = 3  # the auxiliary branches reduce each level to the T3 size (2x2)
     head_name = "classifier"
+    weight_init = staticmethod(init_official_vgg)
 
     def __init__(self, depth: int, num_classes: int, width_mult: float = 1.0):
         super().__init__()
@@ -84,9 +83,10 @@ class CifarVGG(Backbone):
         in_ch, reduction, infos = stem_ch, 2, []
         for index, (channels, num_convs) in enumerate(zip(STAGE_CHANNELS, convs_per_stage)):
             out_ch = scale_channels(channels, width_mult)
-            self.add_module(f"layer{index + 1}", _vgg_stage(in_ch, out_ch, num_convs))
+            name = f"layer{index + 1}"
+            self.add_module(name, _vgg_stage(in_ch, out_ch, num_convs))
             in_ch, reduction = out_ch, reduction * 2
-            infos.append(StageInfo(channels=out_ch, reduction=reduction))
+            infos.append(StageInfo(channels=out_ch, reduction=reduction, module=name))
 
         self.stage_info = tuple(infos)
         self.num_features = in_ch
@@ -99,9 +99,6 @@ class CifarVGG(Backbone):
             nn.Linear(hidden, num_classes),
         )
         init_official_vgg(self)
-
-    def init_students(self, students: nn.Module) -> None:
-        init_official_vgg(students)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

@@ -1,0 +1,106 @@
+"""What the engine needs from a loader, and the sample order every loader follows.
+
+A loader yields :class:`Batch` es on the training device. All randomness of an epoch derives
+from ``(seed, epoch)``, so every batch is reproducible and ``iter_from(step)`` resumes an
+interrupted epoch with exactly the batches a full pass would still have given.
+
+With several ranks, every rank draws the same per-epoch permutation and takes its shard of
+it, as ``torch.utils.data.DistributedSampler`` does: a shuffled (training) order is padded by
+wrapping around to a multiple of the world size, so all ranks run the same number of steps;
+an unshuffled (evaluation) order is not padded, so each sample is evaluated exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import torch
+
+from teskd.errors import TeskdError
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # float32 (B, 3, H, W)
+    labels: torch.Tensor  # int64 (B,)
+    index: torch.Tensor  # int64 (B,): the samples' dataset indices, on the labels' device
+
+
+@runtime_checkable
+class Loader(Protocol):
+    batch_size: int  # per rank
+
+    @property
+    def num_samples(self) -> int:
+        """The samples this rank sees per epoch."""
+
+    def __len__(self) -> int:
+        """The batches per epoch for this rank."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def iter_from(self, step: int = 0) -> Iterator[Batch]:
+        """This epoch from batch ``step`` on, identical to the rest of a full pass."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (hash-mixed, so nearby inputs give unrelated streams)."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+class ShardedEpochs:
+    """The epoch bookkeeping of a loader over ``size`` samples (order, shard, lengths); subclasses
+    implement ``iter_from``."""
+
+    def __init__(self, size: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
+                 rank: int, world_size: int):
+        if batch_size < 1:
+            raise TeskdError(f"batch size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise TeskdError(f"rank must lie in 0..world_size-1, got rank {rank} of world size {world_size}")
+        self.size, self.batch_size = int(size), int(batch_size)
+        self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self) -> torch.Tensor:
+        """This rank's sample indices for the current epoch, in order (CPU int64)."""
+        n, world = self.size, self.world_size
+        if not self.shuffle:
+            return torch.arange(self.rank, n, world)
+        order = torch.randperm(n, generator=seeded_generator(derive_seed(self.seed, self.epoch)))
+        padded = -(-n // world) * world
+        if padded > n:  # wrap around (repeatedly, if n < world) as DistributedSampler does
+            order = order.repeat(-(-padded // n))[:padded]
+        return order[self.rank::world]
+
+    def _shard_size(self) -> int:
+        if self.shuffle:
+            return -(-self.size // self.world_size)
+        return len(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        n, b = self._shard_size(), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else self._shard_size()
+
+    def _check_start(self, step: int) -> None:
+        if step < 0:
+            raise TeskdError(f"start batch must be >= 0, got {step}")
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.iter_from(0)

@@ -1,0 +1,49 @@
+"""Ranks: who this process is, and the few collectives the engine needs. No-ops in one process.
+
+The meters (epoch sums), the non-finite-loss check and the stop-on-signal decision go through
+here, so that with several ranks they agree: every rank sees the same reduced numbers and
+stops at the same step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def is_primary() -> bool:
+    """The rank that writes files and prints (rank 0)."""
+    return rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: the sum over ranks (unchanged in one process)."""
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on any rank (a stop request, a non-finite loss)."""
+    if not active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()

@@ -1,0 +1,75 @@
+"""Running sums of one training epoch: kept on the device, exact to snapshot and restore, reducible over ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from teskd.engine import distributed
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch got (saved in mid-epoch checkpoints as plain numbers)."""
+
+    epoch: int
+    step: int = 0  # batches done
+    batch_size: int = 0
+    seen: int = 0  # samples done (this rank)
+    seconds: float = 0.0
+    sums: dict[str, float] = field(default_factory=dict)  # sample-weighted loss terms
+    correct: dict[str, int] = field(default_factory=dict)  # per branch
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EpochProgress":
+        return cls(**{k: d[k] for k in ("epoch", "step", "seen", "seconds", "sums", "correct") if k in d},
+                   batch_size=int(d.get("batch_size", 0)))
+
+
+class EpochMeters:
+    """Sums of the loss parts (float64) and correct predictions per branch, on ``device``.
+
+    Values are read only at sync points (``snapshot``, ``record``), so a GPU is not made to
+    wait for the host at every step.
+    """
+
+    def __init__(self, device: torch.device, start: EpochProgress):
+        self.device = device
+        self.seen = start.seen
+        f64 = dict(dtype=torch.float64, device=device)
+        self.sums = {k: torch.tensor(v, **f64) for k, v in start.sums.items()}
+        self.correct = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in start.correct.items()}
+
+    @torch.no_grad()
+    def update(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], logits: dict[str, torch.Tensor],
+               labels: torch.Tensor) -> None:
+        n = labels.shape[0]
+        self.seen += n
+        for name, value in {"loss": loss, **parts}.items():
+            self.sums[name] = self.sums.get(name, 0) + value.double() * n
+        for name, scores in logits.items():
+            self.correct[name] = self.correct.get(name, 0) + (scores.argmax(1) == labels).sum()
+
+    def snapshot(self, progress: EpochProgress) -> EpochProgress:
+        progress.seen = self.seen
+        progress.sums = {k: float(v) for k, v in self.sums.items()}
+        progress.correct = {k: int(v) for k, v in self.correct.items()}
+        return progress
+
+    def record(self) -> dict:
+        """Epoch means over all ranks: ``train_loss``, ``loss_<part>``, ``train_acc`` (per branch, %)."""
+        names, correct_names = sorted(self.sums), sorted(self.correct)
+        packed = torch.cat([torch.stack([self.sums[k] for k in names]).double(),
+                            torch.stack([self.correct[k] for k in correct_names]).double(),
+                            torch.tensor([float(self.seen)], dtype=torch.float64, device=self.device)])
+        packed = distributed.all_reduce_sum(packed).tolist()
+        seen = packed[-1]
+        sums = dict(zip(names, packed[: len(names)]))
+        record = {"train_loss": sums.pop("loss") / seen}
+        record.update({f"loss_{k}": v / seen for k, v in sums.items()})
+        record["train_acc"] = {k: 100.0 * c / seen for k, c in zip(correct_names, packed[len(names):-1])}
+        return record

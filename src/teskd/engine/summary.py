@@ -1,0 +1,48 @@
+"""``summary.json``: the headline numbers of a finished run, from its metrics log."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from teskd.errors import TeskdError
+from teskd.models import count_params
+
+
+def summarise(trainer, records: list[dict]) -> dict:
+    """Numbers of the deployed branch (``teacher_*`` keys, whatever the method calls it)."""
+    if not records:
+        raise TeskdError(f"no finished epoch in {trainer.run_dir}; nothing to summarise")
+    branch, cfg, has_val = trainer.method.deploy_branch, trainer.cfg, trainer.data.val is not None
+    last = records[-1]
+    best_epoch = trainer.best["epoch"]
+    best = next((r for r in records if r["epoch"] == best_epoch), None)
+    if best is None:
+        raise TeskdError(f"{trainer.metrics.path} has no record of the best epoch {best_epoch}; "
+                         f"the file was edited or damaged")
+    seconds, images = trainer.train_seconds, trainer.train_images
+    summary = {
+        "method": cfg.method.name,
+        "arch": cfg.model.arch,
+        "dataset": cfg.data.dataset,
+        "epochs": last["epoch"],
+        "teacher_top1_last": last["test_acc"][branch],
+        "teacher_top5_last": last["test_top5"][branch],
+        "teacher_top1_best": best["test_acc"][branch],
+        "best_epoch": best_epoch,
+        "selected_on": "val" if has_val else "test",
+        # the paper's protocol: the maximum test accuracy over epochs (optimistic; for comparison only)
+        "teacher_top1_max_test": max(r["test_acc"][branch] for r in records),
+        "test_acc_last": last["test_acc"],
+        "params_train": count_params(trainer.method),
+        "params_deploy": count_params(trainer.method.deploy_module),
+        "train_images_per_sec": images / seconds if seconds else math.nan,
+        "train_hours": seconds / 3600,
+        "device": str(trainer.device),
+        "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "off",
+        "torch": torch.__version__,
+    }
+    if has_val:
+        summary["teacher_val_top1_best"] = best["val_acc"][branch]
+    return summary
