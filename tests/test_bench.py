@@ -134,10 +134,21 @@ def test_activation_bytes_excludes_parameters():
     assert images.numel() * 4 <= nbytes < 20 * 2**20
 
 
-def test_cpu_memory_in_a_fresh_process_is_positive():
-    cfg = load_config(CE_CONFIG, [*TINY, "data.batch_size=16"])
-    mem = measure_memory(cfg, 100, torch.device("cpu"))
-    assert mem["peak_mb"] > 0 and mem["growth_mb"] == mem["peak_mb"]
+def test_cpu_memory_in_a_fresh_process_is_positive_and_larger_for_teskd():
+    mem = {name: measure_memory(load_config(path, [*TINY, "data.batch_size=16"]), 100, torch.device("cpu"))
+           for name, path in (("ce", CE_CONFIG), ("teskd", CONFIG))}
+    assert all(m["peak_mb"] > 0 and m["growth_mb"] == m["peak_mb"] for m in mem.values())
+    # four branches with their KD terms keep far more alive than one network (about 3x here)
+    assert mem["teskd"]["peak_mb"] > mem["ce"]["peak_mb"]
+
+
+def test_failed_memory_subprocess_is_a_teskd_error(monkeypatch):
+    import teskd.bench as bench
+    from teskd.errors import TeskdError
+
+    monkeypatch.setattr(bench.sys, "executable", "false")
+    with pytest.raises(TeskdError, match=r"memory measurement subprocess failed \(exit 1\)"):
+        measure_memory(load_config(CE_CONFIG, TINY), 100, torch.device("cpu"))
 
 
 def test_cli_json_on_stdout(capsys):

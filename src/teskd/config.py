@@ -1,13 +1,10 @@
-"""Typed configuration: YAML files + ``key=value`` overrides, validated against dataclasses.
-
-A config is a tree of dataclasses. Loading walks the YAML mapping and the
-dataclass fields together, so unknown keys and wrong types are rejected with
-the full dotted key in the message. The ``method`` section's fields depend on
-``method.name``: each method registers its own parameter dataclass.
-"""
+"""Typed configuration: YAML files + ``key=value`` overrides, validated against a tree of dataclasses
+(unknown keys and wrong types are rejected with the full dotted key). The ``method`` section's fields
+depend on ``method.name``: each method registers its own parameter dataclass."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -93,16 +90,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-# --- method parameter registry -------------------------------------------------------------
-
 def method_params_class(name: str) -> type[MethodParams]:
     """The parameter dataclass of method ``name`` (methods register in :data:`teskd.registry.METHODS`)."""
     from teskd.registry import METHODS
 
     return METHODS.get(name).params_class
 
-
-# --- user values in messages, document size -------------------------------------------------
 
 MAX_SHOWN = 80  # characters of a user value (or key) quoted in an error message
 MAX_NODES = 100_000  # values in a config document, aliases counted each time they are used
@@ -117,11 +110,9 @@ def _clip(text: str, limit: int = MAX_SHOWN) -> str:
 
 
 def _short(value: Any) -> str:
-    """``repr(value)`` for an error message: one line, at most ``MAX_SHOWN`` characters, computed
-    without expanding a large (or alias-shared, or self-referencing) value."""
-    if isinstance(value, float):  # repr(1e-4) == '0.0001': exact and short, and reprlib would agree
-        return repr(value)
-    return _clip(_REPR.repr(value))
+    """``repr(value)`` for a message: one line, bounded, without expanding a large or self-referencing value."""
+    # A float's repr is exact and short (repr(1e-4) == '0.0001').
+    return repr(value) if isinstance(value, float) else _clip(_REPR.repr(value))
 
 
 def _short_key(key: str) -> str:
@@ -130,13 +121,8 @@ def _short_key(key: str) -> str:
 
 
 def _check_size(data: Any, where: str) -> None:
-    """Reject a document with more than ``MAX_NODES`` values once YAML aliases are expanded.
-
-    A few hundred bytes of nested anchors (``b: &b [*a, *a, ...]``) stand for millions of values
-    (or infinitely many, for an alias inside its own anchor). Loading shares them, but everything
-    that walks the tree (validation, messages, saving) expands them. The walk stops as soon as the
-    count passes the limit, so it never does more than ``MAX_NODES`` steps.
-    """
+    """Reject a document with more than ``MAX_NODES`` values once YAML aliases are expanded: a few hundred
+    bytes of nested anchors stand for millions of values, which validation, messages and saving would walk."""
     count, stack = 0, [data]
     while stack:
         node = stack.pop()
@@ -145,75 +131,53 @@ def _check_size(data: Any, where: str) -> None:
             raise TeskdError(f"{where} has more than {MAX_NODES:,} values once its YAML aliases (*name) are "
                              f"expanded; a config needs a few dozen (is it an alias bomb?)")
         if isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
+            stack += [*node.keys(), *node.values()]
         elif isinstance(node, (list, tuple)):
             stack.extend(node)
 
 
-# --- conversion ------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted where lossless."""
+
+    def bad(expected: str | None = None) -> TeskdError:
+        expected = expected or getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        return TeskdError(f"config key {_short_key(key)!r}: expected {expected}, got {_short(value)}")
+
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        if value is None and type(None) in typing.get_args(tp):
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except TeskdError as exc:
-                errors.append(exc)
-        raise TeskdError(f"config key {_short_key(key)!r}: expected {_type_name(tp)}, got {_short(value)}")
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                with contextlib.suppress(TeskdError):
+                    return _coerce(value, arg, key)
+        raise bad()
     if origin is list:
-        (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise TeskdError(f"config key {_short_key(key)!r}: expected a list, got {_short(value)}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+            raise bad("a list")
+        return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise TeskdError(f"config key {_short_key(key)!r}: expected a mapping, got {_short(value)}")
+            raise bad("a mapping")
+        key_tp, val_tp = typing.get_args(tp)
         return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None:
-            if not math.isfinite(number):  # no setting of this project means anything at nan or inf
-                raise TeskdError(f"config key {_short_key(key)!r}: expected a finite number, got {_short(value)}")
-            return number
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is Any:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if tp is Any or (tp is bool and isinstance(value, bool)) or (tp is int and is_int) \
+            or (tp is str and isinstance(value, str)):
         return value
-    raise TeskdError(f"config key {_short_key(key)!r}: expected {_type_name(tp)}, got {_short(value)}")
+    if tp is float and (is_int or isinstance(value, (float, str))):  # YAML 1.1 reads "5e-4" (no dot) as a str
+        try:
+            number = float(value)
+        except ValueError:
+            raise bad() from None
+        if not math.isfinite(number):  # no setting of this project means anything at nan or inf
+            raise bad("a finite number")
+        return number
+    raise bad()
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
-    if data is None:
-        data = {}
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise TeskdError(f"config section {_short_key(prefix or '<root>')!r}: expected a mapping, got {_short(data)}")
     if cls is MethodParams:
@@ -255,9 +219,6 @@ def from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
     cfg = _build(Config, data, "")
     validate(cfg)
     return cfg
-
-
-# --- overrides -------------------------------------------------------------------------------
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -316,45 +277,30 @@ def save_config(cfg: Config, path: Path) -> None:
 
 
 def expand_path(text: str) -> Path:
-    """Expand ``${VAR}``, ``${VAR:-default}`` and ``~`` in a configured path (an unset or empty
-    ``VAR`` takes the default). The result may be relative."""
+    """Expand ``${VAR}``, ``${VAR:-default}`` (an unset or empty VAR takes the default) and ``~``."""
 
     def repl(match: re.Match) -> str:
-        name, default = match.group(1), match.group(3)
-        return os.environ.get(name) or (default if default is not None else "")
+        return os.environ.get(match.group(1)) or match.group(2) or ""
 
-    return Path(os.path.expanduser(re.sub(r"\$\{(\w+)(:-([^}]*))?\}", repl, text)))
-
-
-DEFAULT_DATA_ROOT = "${TESKD_DATA:-./data}"  # + "/<data.dataset>" when data.root is null
+    return Path(os.path.expanduser(re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", repl, text)))
 
 
 def resolve_data_root(data: DataConfig) -> Path:
-    """The absolute directory of ``data``'s dataset: ``data.root`` or, if null,
-    ``${TESKD_DATA:-./data}/<data.dataset>``, expanded (:func:`expand_path`) and made absolute
+    """``data.root`` (or, if null, ``${TESKD_DATA:-./data}/<data.dataset>``) expanded and made absolute
     against the current directory (symlinks are kept as they are)."""
-    text = data.root if data.root is not None else f"{DEFAULT_DATA_ROOT}/{data.dataset}"
+    text = data.root if data.root is not None else f"${{TESKD_DATA:-./data}}/{data.dataset}"
     return expand_path(text).absolute()
 
 
-# --- semantic validation ----------------------------------------------------------------------
-
 # Bounds of values that pass the type checks but would crash (or run absurdly) later.
 MAX_SEED = 2**32 - 1  # np.random.seed takes [0, 2**32 - 1] (torch takes < 2**64); one range for all three RNGs
-# A padding beyond the image size only adds crops that are all black, and each batch is padded in memory
-# (BatchAugment: B x 3 x (H + 2p) x (W + 2p) bytes, ~15 TB for p = 100000 at batch 128); 64 is twice the
-# CIFAR image size (a 160x160 padded batch), far past any useful random-crop augmentation.
+# Each batch is padded in memory (B x 3 x (H + 2p) x (W + 2p) bytes); beyond the image size a padding only adds
+# all-black crops, and 64 is twice CIFAR's.
 MAX_CROP_PADDING = 64
-# SGD casts lr (and weight_decay) to the parameters' float32: torch's `param.add_(grad, alpha=-lr)` raises
-# "value cannot be converted to type float without overflow" above ~3.4e38 (lr=1e308 crashes the first
-# step). Long before that any rate diverges in one step (a clean non-finite-loss error): the largest rates
-# used with SGD (linear scaling to batch 64k: ~25) are far below 1e3, which still leaves room to experiment.
-# The bound is on the peak rate: a step schedule with gamma > 1 multiplies lr at each milestone (and
-# gamma ** k itself overflows a Python float for gamma=1e308, k=2).
+# On the peak rate (gamma > 1 raises lr at each milestone). SGD's float32 cast overflows above ~3.4e38, and any
+# rate diverges long before; SGD's largest rates in use (~25) are far below 1e3.
 MAX_LR = 1e3
-# The coupled weight decay shrinks the weights by lr * weight_decay each step: 1 is 2000x the paper's 5e-4
-# and already wipes the weights out at lr >= 1; above ~3.4e38 SGD's float32 cast of it crashes.
-MAX_WEIGHT_DECAY = 1.0
+MAX_WEIGHT_DECAY = 1.0  # 2000x the paper's 5e-4; it wipes the weights out at lr >= 1
 MAX_THREADS = 4096  # torch.set_num_threads overflows at 2**31; no machine has more hardware threads than this
 MAX_CUDA_INDEX = 127  # torch keeps device indices in an int8 ("cuda:99999" becomes cuda:-97)
 _DEVICE = re.compile(r"auto|cpu|cuda(?::(0|[1-9][0-9]{0,2}))?")
@@ -380,10 +326,8 @@ def validate(cfg: Config) -> None:
     _check(0 <= t.seed <= MAX_SEED, f"train.seed must be in [0, 2**32 - 1] (numpy's seed range), got {v(t.seed)}")
     _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {v(d.batch_size)}")
     _check(d.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {v(d.eval_batch_size)}")
-    _check(d.subset_per_class is None or d.subset_per_class >= 1,
-           f"data.subset_per_class must be >= 1 (or null for all), got {v(d.subset_per_class)}")
-    _check(d.test_subset_per_class is None or d.test_subset_per_class >= 1,
-           f"data.test_subset_per_class must be >= 1 (or null for all), got {v(d.test_subset_per_class)}")
+    for key, k in (("subset_per_class", d.subset_per_class), ("test_subset_per_class", d.test_subset_per_class)):
+        _check(k is None or k >= 1, f"data.{key} must be >= 1 (or null for all), got {v(k)}")
     _check(d.val_per_class >= 0, f"data.val_per_class must be >= 0, got {v(d.val_per_class)}")
     _check(0 <= d.crop_padding <= MAX_CROP_PADDING,
            f"data.crop_padding must be in [0, {MAX_CROP_PADDING}] (pixels of zero padding before the random "
@@ -410,6 +354,5 @@ def validate(cfg: Config) -> None:
     _check(0 <= t.threads <= MAX_THREADS,
            f"train.threads must be in [0, {MAX_THREADS}] (0: torch's default), got {v(t.threads)}")
     _check(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {v(t.checkpoint_every)}")
-    validate_method = getattr(cfg.method, "validate", None)
-    if validate_method is not None:
-        validate_method()
+    if callable(getattr(cfg.method, "validate", None)):  # a method's own checks
+        cfg.method.validate()

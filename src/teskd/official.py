@@ -1,20 +1,10 @@
 """Import weights trained with the official TESKD code (github zhengli427/TESKD, ``classification/``).
 
-The official models are one module holding the backbone and the students side by
-side. This project keeps the official module names inside each part, so the
-mapping is a split by name::
-
-    official key                                   this project's key
-    <backbone module>.*  (conv1, bn1, layer1..4, fc;        backbone.<same>
-      SE-ResNet: pre, stage1..4, linear;
-      VGG: conv1, bn1, conv2, bn2, layer1..4, classifier)
-    laterals.{0..3}.*, upsample.{0..2}.*,                   students.<same>
-    fuse_{1,2,3}.*, downsample{1,2,3}.*, fc_b{1,2,3}.*
-
-``downsample1``/``fc_b1`` belong to the shallowest (T1-level) student, which this
-project calls ``student1`` (the official logs call it ``b3``: their names are swapped).
-A ``module.`` prefix (DataParallel/DDP) and a ``{"state_dict": ...}`` or
-``{"model": ...}`` wrapper are accepted.
+The official models hold the backbone and the students side by side in one module; this project keeps
+their module names, so the mapping is a split by name: the modules in STUDENT_MODULES go to
+``students.<same>``, everything else to ``backbone.<same>``. ``downsample1``/``fc_b1`` belong to the
+shallowest student, ``student1`` here (``b3`` in the official logs). A ``module.`` prefix (DataParallel)
+and a ``{"state_dict"|"model"|"net": ...}`` wrapper are accepted.
 """
 
 from __future__ import annotations
@@ -24,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from teskd.config import _clip, _short_key
 from teskd.errors import TeskdError
 
 STUDENT_MODULES = ("laterals", "upsample", "fuse_1", "fuse_2", "fuse_3", "downsample1", "downsample2",
@@ -45,15 +36,12 @@ def map_official_key(key: str) -> str:
 
 
 def _load_failure_reason(exc: BaseException) -> str | None:
-    """The first sentence of torch.load's error, or None where it is empty or tells to load with
-    ``weights_only=False`` (which runs any code the file holds: never advise it for a downloaded file)."""
+    """The first sentence of torch.load's error; None where it advises ``weights_only=False`` (which runs
+    any code the file holds: never advise it for a downloaded file)."""
     text = " ".join(str(exc).split())
     if not text or "weights_only" in text or "weights only" in text.lower():
         return None
-    sentence = text.split(". ", 1)[0].rstrip(".")
-    if len(sentence) > 160:
-        sentence = sentence[:157] + "..."
-    return f"{type(exc).__name__}: {sentence}"
+    return f"{type(exc).__name__}: {_clip(text.split('. ', 1)[0].rstrip('.'), 160)}"
 
 
 def read_official(path: Path) -> dict[str, torch.Tensor]:
@@ -93,8 +81,8 @@ def convert(state: dict[str, torch.Tensor], method) -> dict[str, torch.Tensor]:
     if unexpected or missing:
         parts = []
         if unexpected:
-            inv = {map_official_key(k): k for k in state}
-            parts.append(f"{len(unexpected)} keys have no place here (e.g. {inv[unexpected[0]]})")
+            official = {map_official_key(k): k for k in state}
+            parts.append(f"{len(unexpected)} keys have no place here (e.g. {official[unexpected[0]]})")
         if missing:
             parts.append(f"{len(missing)} weights are missing from the file (e.g. {missing[0]})")
         raise TeskdError("the file does not match the official model of this architecture: " + "; ".join(parts))
@@ -104,18 +92,12 @@ def convert(state: dict[str, torch.Tensor], method) -> dict[str, torch.Tensor]:
     return {k: v.to(target[k].dtype) for k, v in mapped.items()}
 
 
-def _shown(text: str) -> str:
-    """A user's string for a message: one line, at most 80 characters."""
-    text = text if text.isprintable() else repr(text)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def check_arch(arch: str) -> None:
     from teskd.models import list_backbones
 
     known = list_backbones()
     if arch not in known:
-        raise TeskdError(f"unknown architecture {_shown(arch)!r}; known: {', '.join(known)}")
+        raise TeskdError(f"unknown architecture {_short_key(arch)!r}; known: {', '.join(known)}")
 
 
 def _is_run_dir_out(out: Path) -> bool:
@@ -123,8 +105,7 @@ def _is_run_dir_out(out: Path) -> bool:
 
 
 def check_out(out: Path) -> None:
-    """Refuse to replace anything: an existing file (whatever its suffix; a dangling link too), an
-    existing ``.pt``/``.safetensors`` path of any kind, or a non-empty directory."""
+    """Refuse to replace anything: an existing file or link, or a non-empty run directory."""
     if _is_run_dir_out(out) and out.is_dir():
         if any(out.iterdir()):
             raise TeskdError(f"{out} already exists and is not empty; choose a new run directory")
@@ -133,14 +114,12 @@ def check_out(out: Path) -> None:
 
 
 def import_official(path: Path, arch: str, out: Path, overrides=()) -> Path:
-    """Convert an official state dict; write a run directory, a ``.pt`` checkpoint or a teacher ``.safetensors``.
-
-    Nothing existing is replaced: ``out`` must be a new path (or an empty directory, for a run directory).
-    """
+    """Convert an official state dict into a new run directory, ``.pt`` checkpoint or teacher ``.safetensors``."""
     from teskd import __version__
-    from teskd.config import load_config, resolve_data_root, save_config, to_dict
-    from teskd.engine.checkpoint import save_checkpoint
     from teskd.build import build_model
+    from teskd.config import load_config, resolve_data_root, save_config, to_dict
+    from teskd.data.registry import get_dataset_spec
+    from teskd.engine.checkpoint import save_checkpoint
     from teskd.export import export_teacher
 
     check_arch(arch)  # first: no other message makes sense for an architecture that does not exist
@@ -150,14 +129,13 @@ def import_official(path: Path, arch: str, out: Path, overrides=()) -> Path:
     num_classes = infer_num_classes(state)
     cfg = load_config(None, [f"model.arch={arch}", "method.name=teskd", *overrides])
     if cfg.model.arch != arch:
-        raise TeskdError(f"--arch {arch} and the override model.arch={_shown(cfg.model.arch)} disagree; give "
+        raise TeskdError(f"--arch {arch} and the override model.arch={_short_key(cfg.model.arch)} disagree; give "
                          f"the architecture with --arch only")
     cfg.data.root = str(resolve_data_root(cfg.data))  # stored absolute, as the trainer does for its runs
-    from teskd.data.registry import get_dataset_spec
-
-    if get_dataset_spec(cfg.data.dataset).num_classes != num_classes:
+    dataset_classes = get_dataset_spec(cfg.data.dataset).num_classes
+    if dataset_classes != num_classes:
         raise TeskdError(f"{path} has {num_classes}-way heads but data.dataset={cfg.data.dataset} has "
-                         f"{get_dataset_spec(cfg.data.dataset).num_classes} classes; set data.dataset")
+                         f"{dataset_classes} classes; set data.dataset")
     method = build_model(cfg, num_classes)
     method.load_state_dict(convert(state, method))
     checkpoint = {"model": method.state_dict(), "config": to_dict(cfg), "epoch": 0, "num_classes": num_classes,

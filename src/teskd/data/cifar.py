@@ -3,6 +3,7 @@ their registration as datasets."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -24,9 +25,8 @@ from teskd.data.arrays import ImageArrays
 from teskd.data.registry import DatasetSpec, register_dataset
 from teskd.errors import TeskdError
 
-# Official archives; module-level so tests can point them at a local file:// archive. A mirror can
-# be chosen with the environment variable TESKD_CIFAR100_URL / TESKD_CIFAR10_URL (see _archive_url);
-# the MD5 below is checked whatever the URL (TESKD_CIFAR100_MD5 / TESKD_CIFAR10_MD5 replace it, see _archive_md5).
+# Official archives; module-level so tests can point them at a local file:// archive. TESKD_<NAME>_URL
+# names a mirror and TESKD_<NAME>_MD5 replaces the digest (see _archive_url, _archive_md5).
 URLS: dict[str, str] = {
     "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -34,28 +34,6 @@ URLS: dict[str, str] = {
 MD5S: dict[str, str] = {
     "cifar100": "eb9058c3a382ffc7106e4002c42a8d85",
     "cifar10": "c58f30108f718f92721af3b95e74349a",
-}
-
-
-# MD5 digests of the files inside the official archives, for reference only (e.g. to tell by hand
-# whether a folder holds the untouched official files). They are NOT what makes loading safe:
-# hand-made pickles of the same layout are accepted, and every pickle, official or not, is read
-# with the restricted unpickler below.
-OFFICIAL_PICKLE_MD5S: dict[str, dict[str, str]] = {
-    "cifar-100-python": {
-        "train": "16019d7e3df5f24257cddd939b257f8d",
-        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
-        "meta": "7973b15100ade9c7d40fb424638fde48",
-    },
-    "cifar-10-batches-py": {
-        "data_batch_1": "c99cafc152244af753f735de768cd75f",
-        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-        "data_batch_4": "634d18415352ddfa80567beed471001a",
-        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-        "test_batch": "40351d587109b95175f43aff81a1287e",
-        "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
-    },
 }
 
 
@@ -90,19 +68,27 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Turns the errors of reading a damaged file (or running out of memory) into a TeskdError."""
+    try:
+        yield
+    except MemoryError as err:
+        raise TeskdError(f"cannot read {path}: not enough memory to load it ({_one_line(err)})") from err
+    except _READ_ERRORS as err:
+        raise TeskdError(f"cannot read {path}: the file is corrupt or truncated ({_one_line(err)})") from err
+
+
 def _format(name: str) -> _Format:
     if name not in _FORMATS:
         raise TeskdError(f"unknown CIFAR variant {name!r}; expected one of {', '.join(sorted(_FORMATS))}")
     return _FORMATS[name]
 
 
-# --- layout detection -----------------------------------------------------------------------
-
-
 def _pickle_dir(fmt: _Format, root: Path) -> Path | None:
     """The folder holding the official pickles: ``root/<folder>`` or ``root`` itself."""
+    names = (fmt.meta_file, *fmt.train_files, *fmt.test_files)
     for folder in (root / fmt.folder, root):
-        names = (fmt.meta_file, *fmt.train_files, *fmt.test_files)
         if folder.is_dir() and any((folder / n).is_file() for n in names):
             return folder
     return None
@@ -112,35 +98,13 @@ def _has_npz(root: Path) -> bool:
     return (root / "train.npz").is_file() or (root / "test.npz").is_file()
 
 
-def _expected_layouts(fmt: _Format, root: Path) -> str:
-    return (f"either {root / 'train.npz'} and {root / 'test.npz'} (keys x, y, classes), "
-            f"or the official python version {root / fmt.folder}/{fmt.listing}")
-
-
-# --- readers ---------------------------------------------------------------------------------
-
-
-def _npy_header(fp, member: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype from the header of an ``.npy`` stream (left just past the header)."""
-    version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
-    elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
-    else:  # (3, 0): a 2.0 header in UTF-8; numpy has no public reader for it
-        read = getattr(np.lib.format, "_read_array_header", None)
-        if read is None:
-            raise ValueError(f"{member}: unsupported .npy format version {version}")
-        shape, _, dtype = read(fp, version)
-    return shape, dtype
+# (3, 0), a 2.0 header in UTF-8, has no public reader in numpy.
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def _check_npz_sizes(path: Path, keys: tuple[str, ...]) -> None:
-    """Refuses an array whose header claims more data than its zip member holds.
-
-    ``np.load`` allocates the whole array the header describes before reading it, so a
-    tiny file claiming a huge shape would exhaust the memory instead of failing cleanly.
-    """
+    """Refuses an array whose header claims more data than its zip member holds: ``np.load``
+    allocates the claimed array first, so a tiny crafted file could exhaust the memory."""
     with zipfile.ZipFile(path) as zf:
         members = {info.filename: info for info in zf.infolist()}
         for key in keys:
@@ -152,7 +116,10 @@ def _check_npz_sizes(path: Path, keys: tuple[str, ...]) -> None:
                     if fp.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
                         continue  # not an array: np.load returns its bytes, rejected later
                     fp.seek(0)
-                    shape, dtype = _npy_header(fp, name)
+                    version = np.lib.format.read_magic(fp)
+                    if version not in _NPY_HEADER_READERS:
+                        raise ValueError(f"{name}: unsupported .npy format version {version}")
+                    shape, _, dtype = _NPY_HEADER_READERS[version](fp)
                     header_len = fp.tell()
                 if dtype.hasobject:
                     continue  # np.load refuses object arrays (allow_pickle=False)
@@ -166,25 +133,17 @@ def _check_npz_sizes(path: Path, keys: tuple[str, ...]) -> None:
 
 def _read_npz(path: Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     if not path.is_file():
-        other = "test.npz" if train else "train.npz"
-        raise TeskdError(f"missing file {path} (found {path.parent / other} but the "
+        raise TeskdError(f"missing file {path} (found {path.with_name('test.npz' if train else 'train.npz')} but the "
                          f"{'training' if train else 'test'} split is needed too)")
-    try:
+    with _reading(path):
         _check_npz_sizes(path, ("x", "y", "classes"))
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("x", "y") if k not in z.files]
             if missing:
                 raise TeskdError(f"{path} has no array {' or '.join(map(repr, missing))} "
                                  f"(expected keys x: uint8 (N, 32, 32, 3), y: int64 (N,), classes)")
-            x = z["x"]
-            y = z["y"]
+            x, y = z["x"], z["y"]
             classes = [str(c) for c in z["classes"].tolist()] if "classes" in z.files else None
-    except TeskdError:
-        raise
-    except MemoryError as err:
-        raise TeskdError(f"cannot read {path}: not enough memory to load it ({_one_line(err)})") from err
-    except _READ_ERRORS as err:
-        raise TeskdError(f"cannot read {path}: the file is corrupt or truncated ({_one_line(err)})") from err
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (_IMAGE_SIZE, _IMAGE_SIZE, 3):
         raise TeskdError(f"{path}: array x must be uint8 of shape (N, 32, 32, 3) (HWC), "
                          f"got {x.dtype} {tuple(x.shape)}")
@@ -255,16 +214,13 @@ class _CifarUnpickler(pickle.Unpickler):
 def _load_pickle(path: Path) -> dict:
     if not path.is_file():
         raise TeskdError(f"missing file {path} (the official CIFAR python folder {path.parent} is incomplete)")
-    try:
-        with open(path, "rb") as f:
-            obj = _CifarUnpickler(f).load()
-    except _Refused as err:
-        raise TeskdError(f"refusing to load {path}: {err}, which an official CIFAR pickle never does "
-                         f"(only numpy arrays and plain Python values are allowed)") from err
-    except MemoryError as err:
-        raise TeskdError(f"cannot read {path}: not enough memory to load it ({_one_line(err)})") from err
-    except _READ_ERRORS as err:
-        raise TeskdError(f"cannot read {path}: the file is corrupt or truncated ({_one_line(err)})") from err
+    with _reading(path):
+        try:
+            with open(path, "rb") as f:
+                obj = _CifarUnpickler(f).load()
+        except _Refused as err:
+            raise TeskdError(f"refusing to load {path}: {err}, which an official CIFAR pickle never does "
+                             f"(only numpy arrays and plain Python values are allowed)") from err
     if not isinstance(obj, dict):
         raise TeskdError(f"{path} is not an official CIFAR pickle (expected a dict, got {type(obj).__name__})")
     return obj
@@ -290,6 +246,7 @@ def _read_pickles(fmt: _Format, folder: Path, train: bool) -> tuple[np.ndarray, 
             if not np.issubdtype(data.dtype, np.integer) or (data.size and (data.min() < 0 or data.max() > 255)):
                 raise TeskdError(f"{path}: 'data' must hold uint8 pixel values, got {data.dtype}")
             data = data.astype(np.uint8)
+        # Checked per file: totals that match could still pair images with another file's labels.
         if lab.ndim != 1 or lab.shape[0] != data.shape[0] or (lab.size and not np.issubdtype(lab.dtype, np.integer)):
             raise TeskdError(f"{path}: {fmt.label_key.decode()!r} must be {data.shape[0]} integer labels, "
                              f"got {lab.dtype} {tuple(lab.shape)}")
@@ -302,18 +259,14 @@ def _read_pickles(fmt: _Format, folder: Path, train: bool) -> tuple[np.ndarray, 
         classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     except (TypeError, UnicodeDecodeError) as err:
         raise TeskdError(f"{meta_path}: cannot read the class names ({_one_line(err)})") from err
-    x = images[0] if len(images) == 1 else np.concatenate(images)
+    x = images[0] if len(images) == 1 else np.concatenate(images)  # no copy of CIFAR-100's single file
     y = labels[0] if len(labels) == 1 else np.concatenate(labels)
     return x, y, classes
 
 
-# --- download --------------------------------------------------------------------------------
-
-
 def _fetch(url: str, md5: str, archive: Path) -> None:
-    """Downloads ``url`` to ``archive`` with a progress bar and checks its MD5; a failed or bad
-    download is deleted. (torchvision's ``download_url`` cannot read the file:// URLs of mirrors
-    and tests, hence urllib.)"""
+    """Downloads ``url`` to ``archive`` and checks its MD5; a failed or bad download is deleted.
+    (torchvision's ``download_url`` cannot read the file:// URLs of mirrors and tests.)"""
     from torchvision.datasets.utils import calculate_md5
     from tqdm import tqdm
     from tqdm.utils import CallbackIOWrapper
@@ -323,12 +276,11 @@ def _fetch(url: str, md5: str, archive: Path) -> None:
                 tqdm(total=int(resp.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
                      unit_divisor=1024, desc=f"downloading {archive.name}", leave=False) as bar:
             shutil.copyfileobj(CallbackIOWrapper(bar.update, resp, "read"), out)
-    except (OSError, ValueError) as err:  # urllib.error.URLError is an OSError
+    except BaseException as err:
         archive.unlink(missing_ok=True)
-        raise TeskdError(f"could not download {url} ({_one_line(err)}); download it by hand and extract it "
-                         f"into {archive.parent}") from err
-    except BaseException:
-        archive.unlink(missing_ok=True)
+        if isinstance(err, (OSError, ValueError)):  # urllib.error.URLError is an OSError
+            raise TeskdError(f"could not download {url} ({_one_line(err)}); download it by hand and extract it "
+                             f"into {archive.parent}") from err
         raise
     got = calculate_md5(archive)
     if got != md5:
@@ -360,23 +312,18 @@ def _safe_extract(archive: Path, dest: Path) -> None:
             for member in members:
                 _check_member(archive, dest, member)
             tar.extractall(dest, members=members, **_DATA_FILTER)
-    except TeskdError:
-        raise
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise TeskdError(f"cannot extract {archive}: the archive is corrupt or truncated ({_one_line(err)}); "
                          f"delete it and download again") from err
 
 
 def _archive_url(name: str) -> str:
-    """The archive's URL: ``$TESKD_<NAME>_URL`` (a mirror) when set, else the official one."""
-    override = os.environ.get(f"TESKD_{name.upper()}_URL", "").strip()
-    return override or URLS[name]
+    return os.environ.get(f"TESKD_{name.upper()}_URL", "").strip() or URLS[name]
 
 
 def _archive_md5(name: str) -> str:
-    """The MD5 the download must have: ``$TESKD_<NAME>_MD5`` (a mirror that repackages the archive, or a
-    test's own archive) when set, else the official one. The pickles inside are read by the restricted
-    unpickler either way, so a different archive can hold different data but cannot run code."""
+    """``$TESKD_<NAME>_MD5`` when set (a mirror's repackaged archive), else the official digest. The pickles
+    are read by the restricted unpickler either way: a different archive can hold other data, not run code."""
     override = os.environ.get(f"TESKD_{name.upper()}_MD5", "").strip().lower()
     if override and (len(override) != 32 or any(c not in "0123456789abcdef" for c in override)):
         raise TeskdError(f"TESKD_{name.upper()}_MD5={override[:40]!r} is not an MD5 digest (32 hex digits)")
@@ -384,11 +331,7 @@ def _archive_md5(name: str) -> str:
 
 
 def download_cifar(name: str, root: str | os.PathLike) -> Path:
-    """Downloads (if needed) and extracts the archive of ``name`` into ``root``.
-
-    The URL is the official one unless ``TESKD_CIFAR100_URL`` / ``TESKD_CIFAR10_URL`` names a
-    mirror; either way the download must have the official archive's MD5.
-    """
+    """Downloads (if needed) and extracts the archive of ``name`` into ``root``; returns the archive."""
     from torchvision.datasets.utils import check_integrity
 
     _format(name)
@@ -409,36 +352,29 @@ def download_cifar(name: str, root: str | os.PathLike) -> Path:
     return archive
 
 
-# --- public API ------------------------------------------------------------------------------
-
-
 def load_cifar(name: str, root: str | os.PathLike, train: bool, download: bool = False) -> ImageArrays:
-    """Loads a CIFAR split as uint8 (N, 3, 32, 32) images and int64 labels.
-
-    ``root`` may hold ``train.npz``/``test.npz``, the official extracted folder
-    (``cifar-100-python`` / ``cifar-10-batches-py``), or be that folder itself. With
-    ``download=True`` and no data found, the official archive is downloaded into ``root``.
-    """
+    """Loads a CIFAR split as uint8 (N, 3, 32, 32) images and int64 labels from ``train.npz``/``test.npz``
+    in ``root``, or the official extracted folder in ``root`` (or ``root`` itself), downloaded if asked."""
     fmt = _format(name)
     root = Path(os.path.expanduser(os.fspath(root)))
     if not _has_npz(root) and _pickle_dir(fmt, root) is None:
         if not download:
             where = f"in {root}" if root.is_dir() else f"at {root} (the folder does not exist)"
-            raise TeskdError(f"no {name} data found {where}; expected {_expected_layouts(fmt, root)}; "
-                             f"set data.download=true to download it, or point data.root at the data")
+            raise TeskdError(f"no {name} data found {where}; expected either {root / 'train.npz'} and "
+                             f"{root / 'test.npz'} (keys x, y, classes), or the official python version "
+                             f"{root / fmt.folder}/{fmt.listing}; set data.download=true to download it, "
+                             f"or point data.root at the data")
         download_cifar(name, root)
         if _pickle_dir(fmt, root) is None:
             raise TeskdError(f"the archive downloaded from {_archive_url(name)} does not contain "
                              f"{root / fmt.folder}")
 
     if _has_npz(root):
-        path = root / ("train.npz" if train else "test.npz")
-        x, y, classes = _read_npz(path, train)
-        source = path
+        source = root / ("train.npz" if train else "test.npz")
+        x, y, classes = _read_npz(source, train)
     else:
-        folder = _pickle_dir(fmt, root)
-        x, y, classes = _read_pickles(fmt, folder, train)
-        source = folder
+        source = _pickle_dir(fmt, root)
+        x, y, classes = _read_pickles(fmt, source, train)
 
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise TeskdError(f"{source}: {x.shape[0]} images but labels of shape {tuple(y.shape)}")
@@ -447,14 +383,11 @@ def load_cifar(name: str, root: str | os.PathLike, train: bool, download: bool =
     if y.size and (y.min() < 0 or y.max() >= fmt.num_classes):
         bad = int(y.min()) if y.min() < 0 else int(y.max())
         raise TeskdError(f"{source}: label {bad} is out of range for {name} (expected 0..{fmt.num_classes - 1})")
-    if classes is None:
-        classes = [str(i) for i in range(fmt.num_classes)]
+    classes = classes if classes is not None else [str(i) for i in range(fmt.num_classes)]
     if len(classes) != fmt.num_classes:
         raise TeskdError(f"{source}: {len(classes)} class names, expected {fmt.num_classes} for {name}")
-
     images = torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8))
-    labels = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
-    return ImageArrays(images, labels, classes)
+    return ImageArrays(images, torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)), classes)
 
 
 # The normalisation of the official TESKD code, used for both CIFAR variants.

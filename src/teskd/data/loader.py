@@ -1,13 +1,9 @@
 """What the engine needs from a loader, and the sample order every loader follows.
 
-A loader yields :class:`Batch` es on the training device. All randomness of an epoch derives
-from ``(seed, epoch)``, so every batch is reproducible and ``iter_from(step)`` resumes an
-interrupted epoch with exactly the batches a full pass would still have given.
-
-With several ranks, every rank draws the same per-epoch permutation and takes its shard of
-it, as ``torch.utils.data.DistributedSampler`` does: a shuffled (training) order is padded by
-wrapping around to a multiple of the world size, so all ranks run the same number of steps;
-an unshuffled (evaluation) order is not padded, so each sample is evaluated exactly once.
+All randomness of an epoch derives from ``(seed, epoch)``, so ``iter_from(step)`` resumes an epoch
+exactly. With several ranks each takes its shard of the same permutation, as ``DistributedSampler``
+does: a shuffled (training) order is padded by wrapping around so all ranks run the same number of
+steps; an unshuffled (evaluation) order is not, so each sample is evaluated exactly once.
 """
 
 from __future__ import annotations
@@ -32,11 +28,9 @@ class Loader(Protocol):
     batch_size: int  # per rank
 
     @property
-    def num_samples(self) -> int:
-        """The samples this rank sees per epoch."""
+    def num_samples(self) -> int: ...  # the samples this rank sees per epoch
 
-    def __len__(self) -> int:
-        """The batches per epoch for this rank."""
+    def __len__(self) -> int: ...  # the batches per epoch for this rank
 
     def set_epoch(self, epoch: int) -> None: ...
 
@@ -57,8 +51,7 @@ def seeded_generator(seed: int) -> torch.Generator:
 
 
 class ShardedEpochs:
-    """The epoch bookkeeping of a loader over ``size`` samples (order, shard, lengths); subclasses
-    implement ``iter_from``."""
+    """The epoch bookkeeping (order, shard, lengths) of a loader over ``size`` samples."""
 
     def __init__(self, size: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
                  rank: int, world_size: int):
@@ -76,14 +69,13 @@ class ShardedEpochs:
 
     def order(self) -> torch.Tensor:
         """This rank's sample indices for the current epoch, in order (CPU int64)."""
-        n, world = self.size, self.world_size
         if not self.shuffle:
-            return torch.arange(self.rank, n, world)
-        order = torch.randperm(n, generator=seeded_generator(derive_seed(self.seed, self.epoch)))
-        padded = -(-n // world) * world
-        if padded > n:  # wrap around (repeatedly, if n < world) as DistributedSampler does
-            order = order.repeat(-(-padded // n))[:padded]
-        return order[self.rank::world]
+            return torch.arange(self.rank, self.size, self.world_size)
+        order = torch.randperm(self.size, generator=seeded_generator(derive_seed(self.seed, self.epoch)))
+        padded = self._shard_size() * self.world_size
+        if padded > self.size:  # wrap around (repeatedly, if size < world_size) as DistributedSampler does
+            order = order.repeat(-(-padded // self.size))[:padded]
+        return order[self.rank::self.world_size]
 
     def _shard_size(self) -> int:
         if self.shuffle:

@@ -1,8 +1,5 @@
-"""A loader for datasets that fit in (device) memory.
-
-The whole uint8 image tensor lives on the training device; each batch is a gather plus a
-batched augmentation, so there are no worker processes and no per-image work.
-"""
+"""A loader for datasets that fit in device memory: each batch is a gather from the uint8 image
+tensor on the training device plus a batched augmentation (no workers, no per-image work)."""
 
 from __future__ import annotations
 
@@ -58,8 +55,5 @@ class InMemoryLoader(ShardedEpochs):
                 images, labels = self.images[lo:hi], self.labels[lo:hi]
             else:
                 images, labels = self.images[index], self.labels[index]
-            if random_transform:
-                images = self.transform(images, self.batch_generator(i))
-            else:
-                images = self.transform(images)
+            images = self.transform(images, self.batch_generator(i)) if random_transform else self.transform(images)
             yield Batch(images, labels, index)

@@ -37,9 +37,6 @@ def _train_val(cfg: DataConfig, spec: DatasetSpec, root: Path, training: bool):
     if training and len(train) == 0:
         raise TeskdError(f"data.val_per_class={cfg.val_per_class} holds out every training image of "
                          f"{cfg.dataset} at {root}, leaving none to train on")
-    if val is not None and len(val) == 0:
-        raise TeskdError(f"data.val_per_class={cfg.val_per_class} gives an empty validation split "
-                         f"of {cfg.dataset} at {root}")
     if training and cfg.subset_per_class is not None:
         train = train.select(first_k_per_class(train.labels, cfg.subset_per_class, spec.num_classes))
         if len(train) == 0:
@@ -61,11 +58,8 @@ def _test(cfg: DataConfig, spec: DatasetSpec, root: Path) -> ImageArrays:
 
 
 def load_splits(cfg: DataConfig, splits: Collection[str] = SPLITS):
-    """``(spec, train, val, test)``: the arrays of the asked-for splits on the CPU, None for the others.
-
-    Only the files those splits need are read; val is the last ``data.val_per_class`` training
-    images of each class (None when that is 0).
-    """
+    """``(spec, train, val, test)``: the arrays of the asked-for splits on the CPU (only their files are
+    read), None for the others; val is the last ``data.val_per_class`` training images of each class."""
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         raise TeskdError(f"unknown data split {unknown[0]!r}; expected some of {', '.join(SPLITS)}")
@@ -84,18 +78,15 @@ def build_data(cfg: DataConfig, device: torch.device, seed: int, rank: int = 0, 
                splits: Collection[str] = SPLITS) -> DataBundle:
     """Loaders for the asked-for splits; batch sizes are per rank, each rank gets its shard."""
     spec, train, val, test = load_splits(cfg, splits)
-    common = dict(device=device, seed=seed, rank=rank, world_size=world_size)
-    normalise = partial(normalize, mean=spec.mean, std=spec.std)
 
-    def eval_loader(arrays):
+    def loader(arrays, training: bool):
         if arrays is None:
             return None
-        return InMemoryLoader(arrays, cfg.eval_batch_size, shuffle=False, drop_last=False, transform=normalise,
-                              **common)
+        transform = (BatchAugment(spec.mean, spec.std, crop=spec.image_size, padding=cfg.crop_padding, flip=cfg.hflip)
+                     if training else partial(normalize, mean=spec.mean, std=spec.std))
+        return InMemoryLoader(arrays, cfg.batch_size if training else cfg.eval_batch_size, shuffle=training,
+                              drop_last=False, transform=transform, device=device, seed=seed, rank=rank,
+                              world_size=world_size)
 
-    train_loader = None
-    if train is not None:
-        augment = BatchAugment(spec.mean, spec.std, crop=spec.image_size, padding=cfg.crop_padding, flip=cfg.hflip)
-        train_loader = InMemoryLoader(train, cfg.batch_size, shuffle=True, drop_last=False, transform=augment,
-                                      **common)
-    return DataBundle(train=train_loader, val=eval_loader(val), test=eval_loader(test), num_classes=spec.num_classes)
+    return DataBundle(train=loader(train, True), val=loader(val, False), test=loader(test, False),
+                      num_classes=spec.num_classes)

@@ -40,11 +40,8 @@ def first_k_per_class(labels: torch.Tensor, k: int, num_classes: int) -> torch.T
 
 
 def split_val_per_class(arrays: ImageArrays, val_per_class: int) -> tuple[ImageArrays, ImageArrays | None]:
-    """Holds out the last ``val_per_class`` images of each class (file order) for validation.
-
-    Returns ``(train, val)``, both in file order; ``(arrays, None)`` for 0. Classes with no
-    images are ignored; a class with fewer than ``val_per_class`` images is an error.
-    """
+    """``(train, val)`` in file order, val the last ``val_per_class`` images of each class (None for 0);
+    classes with no images are ignored, one with fewer than ``val_per_class`` is an error."""
     if val_per_class < 0:
         raise TeskdError(f"val_per_class must be >= 0, got {val_per_class}")
     if val_per_class == 0:

@@ -1,11 +1,6 @@
-"""A loader over a map-style dataset read by ``torch.utils.data.DataLoader`` workers.
-
-For datasets too large for memory (ImageNet folders). It follows the same sample order as
-the in-memory loader (see :mod:`teskd.data.loader`); ``iter_from(step)`` skips whole batches
-without reading them. Each sample's random transform runs with torch's CPU generator seeded
-from ``(seed, epoch, index)``, so the batches are the same whatever the number of workers
-and whichever worker reads which sample, and a resumed epoch is exact.
-"""
+"""A loader over a map-style dataset too large for memory, read by ``DataLoader`` workers in the
+sample order of :mod:`teskd.data.loader`. Each sample's transform draws from torch's CPU generator
+seeded from ``(seed, epoch, index)``: batches do not depend on the workers, and resuming is exact."""
 
 from __future__ import annotations
 
@@ -18,11 +13,8 @@ from teskd.data.loader import Batch, ShardedEpochs, derive_seed
 
 
 class _SeededSamples(Dataset):
-    """``dataset`` read by ``(epoch, index)`` keys, each sample's transform under its own seed.
-
-    The epoch travels in the key rather than in an attribute because persistent workers hold
-    copies of this object made before later ``set_epoch`` calls.
-    """
+    """``dataset`` read by ``(epoch, index)`` keys, each sample's transform under its own seed. The epoch
+    is in the key because persistent workers hold copies made before later ``set_epoch`` calls."""
 
     def __init__(self, dataset: Dataset, transform: Callable | None, seed: int):
         self.dataset, self.transform, self.seed = dataset, transform, seed
@@ -61,10 +53,9 @@ class _BatchKeys(Sampler):
 class TorchLoader(ShardedEpochs):
     """Yields :class:`Batch` es from ``dataset[i] -> (image, label)`` on ``device``.
 
-    ``transform(image) -> tensor`` runs per sample in the workers and must draw its random
-    numbers from torch's global generator (torchvision's transforms do). Returning uint8 and
-    normalising on the device with ``device_transform`` (e.g. :func:`~teskd.data.augment.normalize`)
-    moves a quarter of the bytes. Memory is pinned by default when ``device`` is CUDA.
+    ``transform(image) -> tensor`` runs in the workers and must draw from torch's global generator
+    (torchvision's transforms do). Returning uint8 and normalising on the device (``device_transform``,
+    e.g. :func:`~teskd.data.augment.normalize`) moves a quarter of the bytes.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, shuffle: bool, drop_last: bool,

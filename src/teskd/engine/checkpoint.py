@@ -34,6 +34,7 @@ import torch
 from teskd import fileio
 from teskd.errors import TeskdError
 from teskd.fileio import describe_os_error, file_digest
+from teskd.log import log
 
 
 class _HashingWriter:
@@ -274,6 +275,6 @@ def load_latest(path: Path) -> tuple[dict[str, Any], Path]:
             errors.append(exc)
             continue
         if errors:
-            print(f"warning: {errors[0]}; using the previous checkpoint {candidate}", flush=True)
+            log.warning(f"warning: {errors[0]}; using the previous checkpoint {candidate}")
         return state, candidate
     raise errors[0]

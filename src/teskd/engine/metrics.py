@@ -10,6 +10,7 @@ import torch
 
 from teskd import fileio
 from teskd.errors import TeskdError
+from teskd.log import log
 
 
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
@@ -51,7 +52,7 @@ class MetricsLog:
             except ValueError as exc:
                 if number == len(lines):  # torn by a kill while it was being written: that epoch is redone
                     if warn:
-                        print(f"warning: ignoring the incomplete last line of {self.path}", flush=True)
+                        log.warning(f"warning: ignoring the incomplete last line of {self.path}")
                     break
                 raise TeskdError(f"{self.path} line {number} is not a metrics record ({exc}); "
                                  f"the file was edited or damaged") from exc
