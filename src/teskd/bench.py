@@ -27,6 +27,7 @@ import torch
 
 from teskd.config import Config, from_dict, to_dict
 from teskd.data.augment import BatchAugment
+from teskd.data.pipeline import input_size
 from teskd.data.registry import get_dataset_spec
 from teskd.engine import runtime
 from teskd.engine.step import Optimization, make_optimizer
@@ -68,6 +69,16 @@ def train_step(t: _Trainee, images: torch.Tensor, labels: torch.Tensor) -> torch
     return t.method.training_step(t.model, (images, labels, None), t.opt).loss.detach()
 
 
+def _classes(cfg: Config) -> int:
+    """The class count of the benchmarked head (image folders: 1000 unless the folder is there to count)."""
+    from teskd.data.pipeline import class_count
+
+    try:
+        return class_count(cfg.data)
+    except TeskdError:
+        return 1000
+
+
 def _timed(fn, device: torch.device) -> float:
     _sync(device)
     t0 = time.perf_counter()
@@ -79,10 +90,10 @@ def _timed(fn, device: torch.device) -> float:
 def synthetic_batches(cfg: Config, device: torch.device, count: int = 1):
     spec = get_dataset_spec(cfg.data.dataset)
     gen = torch.Generator().manual_seed(cfg.train.seed)
-    b, s = cfg.data.batch_size, spec.image_size
+    b, s = cfg.data.batch_size, input_size(cfg.data)
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     return [(torch.randn(b, 3, s, s, generator=gen).to(device).contiguous(memory_format=fmt),
-             torch.randint(0, spec.num_classes, (b,), generator=gen).to(device)) for _ in range(count)]
+             torch.randint(0, _classes(cfg), (b,), generator=gen).to(device)) for _ in range(count)]
 
 
 def activation_bytes(method, images: torch.Tensor, labels: torch.Tensor, device: torch.device, amp_dtype) -> int:
@@ -202,7 +213,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, inference: bool = F
     if steps < 1 or warmup < 0:
         raise TeskdError(f"bench needs --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
     device = runtime.resolve_device(cfg.train.device)
-    configs, num_classes = {"method": cfg, "ce": ce_config(cfg)}, get_dataset_spec(cfg.data.dataset).num_classes
+    configs, num_classes = {"method": cfg, "ce": ce_config(cfg)}, _classes(cfg)
     with runtime.settings(cfg.train, device):
         result = _time(cfg, configs, device, steps, warmup, inference, progress)
     mem = {}
@@ -219,7 +230,7 @@ def _time(cfg: Config, configs: dict, device, steps: int, warmup: int, inference
     amp_dtype = runtime.resolve_amp(cfg.train.amp, device)
     spec, b = get_dataset_spec(cfg.data.dataset), cfg.data.batch_size
     _log(progress, f"building {cfg.method.name} and ce ({cfg.model.arch} x{cfg.model.width_mult:g}) on {device}")
-    trainees = {k: _Trainee(c, spec.num_classes, device, amp_dtype) for k, c in configs.items()}
+    trainees = {k: _Trainee(c, _classes(cfg), device, amp_dtype) for k, c in configs.items()}
     batches = synthetic_batches(cfg, device, BATCHES)
     _log(progress, f"{warmup} warm-up and {steps} timed steps each, alternating")
     step_s = _alternate({k: (lambda i, t=t: train_step(t, *batches[i % BATCHES])) for k, t in trainees.items()},
@@ -228,7 +239,7 @@ def _time(cfg: Config, configs: dict, device, steps: int, warmup: int, inference
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "config": {"arch": cfg.model.arch, "width_mult": cfg.model.width_mult, "batch_size": b,
-                   "method": cfg.method.name, "dataset": cfg.data.dataset, "image_size": spec.image_size,
+                   "method": cfg.method.name, "dataset": cfg.data.dataset, "image_size": input_size(cfg.data),
                    "amp": amp, "channels_last": cfg.train.channels_last, "compile": cfg.train.compile},
         "steps": steps, "warmup": warmup,
         "step_ms": {k: 1000.0 * v for k, v in step_s.items()},
@@ -238,7 +249,7 @@ def _time(cfg: Config, configs: dict, device, steps: int, warmup: int, inference
     images, labels = batches[0]
     result["activation_mb"] = {k: activation_bytes(t.method, images, labels, device, amp_dtype) / MB
                                for k, t in trainees.items()}
-    augment = BatchAugment(spec.mean, spec.std, crop=spec.image_size, padding=cfg.data.crop_padding,
+    augment = BatchAugment(spec.mean, spec.std, crop=input_size(cfg.data), padding=cfg.data.crop_padding,
                            flip=cfg.data.hflip)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     x = torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=gen).to(device)
@@ -246,7 +257,7 @@ def _time(cfg: Config, configs: dict, device, steps: int, warmup: int, inference
     result["input_images_per_sec"] = b / seconds
     if inference:
         _log(progress, "inference of the deployed teacher and the plain backbone, alternating")
-        result["inference"] = _inference(cfg, trainees["method"], spec.num_classes, images, steps, warmup)
+        result["inference"] = _inference(cfg, trainees["method"], _classes(cfg), images, steps, warmup)
     return result
 
 

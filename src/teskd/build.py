@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from teskd.config import Config
-from teskd.data.registry import get_dataset_spec
+from teskd.data.pipeline import input_size
 from teskd.methods import Method, build_method
 from teskd.models import build_backbone
 
@@ -11,5 +11,4 @@ from teskd.models import build_backbone
 def build_model(cfg: Config, num_classes: int) -> Method:
     """The method module of ``cfg`` (backbone inside), sized for ``cfg.data.dataset``'s images."""
     backbone = build_backbone(cfg.model.arch, num_classes, cfg.model.width_mult)
-    image_size = get_dataset_spec(cfg.data.dataset).image_size
-    return build_method(cfg.method.name, backbone, num_classes, cfg.method, image_size)
+    return build_method(cfg.method.name, backbone, num_classes, cfg.method, input_size(cfg.data))

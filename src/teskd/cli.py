@@ -14,9 +14,22 @@ from teskd.errors import TeskdError
 
 
 def _cmd_train(args) -> int:
+    from teskd.engine import distributed
+
+    started = distributed.init_from_env()  # under torchrun: join its process group
+    try:
+        return _train(args)
+    finally:
+        if started:
+            distributed.shutdown()
+
+
+def _train(args) -> int:
     from teskd.config import load_config
+    from teskd.engine import distributed
     from teskd.engine.rundir import RunDir
     from teskd.engine.trainer import Trainer
+    from teskd.log import log
 
     run = None
     if args.resume:
@@ -55,12 +68,13 @@ def _cmd_train(args) -> int:
                 raise TeskdError(f"run directory {run.path} already exists and is not empty; "
                                  f"use --resume {run.path} to continue it or --overwrite to replace it")
             run.check_replaceable()  # a teskd run and nothing else; it is replaced only once the new run starts
-    print(f"run directory: {run.path}", flush=True)
+    distributed.barrier()  # every rank has checked the folder before any rank writes to it
+    log.info(f"run directory: {run.path}")
     trainer = Trainer(cfg, run.path, resume=bool(args.resume), overwrite=bool(args.overwrite))
     summary = trainer.run()
-    print(f"done: teacher top-1 last {summary['teacher_top1_last']:.2f}%, "
-          f"best {summary['teacher_top1_best']:.2f}% (epoch {summary['best_epoch']}, "
-          f"selected on {summary['selected_on']}); deployable weights: {run.teacher}")
+    log.info(f"done: {trainer.method.deploy_branch} top-1 last {summary['teacher_top1_last']:.2f}%, "
+             f"best {summary['teacher_top1_best']:.2f}% (epoch {summary['best_epoch']}, "
+             f"selected on {summary['selected_on']}); deployable weights: {run.teacher}")
     return 0
 
 
@@ -186,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_plugins() -> None:
+    """Import the modules named in ``TESKD_PLUGINS`` (comma-separated): a user's own backbones, methods or
+    datasets register themselves there, with no change to teskd."""
+    import importlib
+
+    for name in filter(None, (n.strip() for n in os.environ.get("TESKD_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise TeskdError(f"TESKD_PLUGINS names {name!r}, which cannot be imported ({exc})") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may also come after options (`train CFG --out X a.b=1`): argparse
@@ -197,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*(args.overrides or []), *extra]
     try:
+        load_plugins()
         return args.func(args)
     except TeskdError as exc:
         if args.debug:

@@ -35,6 +35,12 @@ class DataConfig:
     eval_batch_size: int = 100  # small batches are faster on CPUs (cache); raise it on a GPU
     crop_padding: int = 4
     hflip: bool = True
+    # image folders (imagenet, imagefolder): training crop / evaluation centre crop, and the resize before it;
+    # null: the dataset's own size (32 for CIFAR, 224 and 256 for image folders)
+    image_size: int | None = None
+    eval_resize: int | None = None
+    workers: int = 4  # DataLoader worker processes decoding images (image folders)
+    on_bad_image: str = "stop"  # stop | skip (skipped images are counted and reported)
 
 
 @dataclass
@@ -71,6 +77,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # also save checkpoints/last.pt every N steps within an epoch (0: epoch ends only)
     progress: bool = True  # tqdm progress bars
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    sync_bn: bool = False  # with several processes: BatchNorm statistics over the global batch (GPU only)
+    # also save last.pt every N minutes inside an epoch; null: 30 for image folders, off for in-memory data
+    checkpoint_minutes: float | None = None
 
 
 @dataclass
@@ -329,6 +338,13 @@ def validate(cfg: Config) -> None:
     for key, k in (("subset_per_class", d.subset_per_class), ("test_subset_per_class", d.test_subset_per_class)):
         _check(k is None or k >= 1, f"data.{key} must be >= 1 (or null for all), got {v(k)}")
     _check(d.val_per_class >= 0, f"data.val_per_class must be >= 0, got {v(d.val_per_class)}")
+    _check(d.image_size is None or 8 <= d.image_size <= 4096, f"data.image_size must be in [8, 4096], got {v(d.image_size)}")
+    _check(d.eval_resize is None or (d.eval_resize >= (d.image_size or 8) and d.eval_resize <= 4096),
+           f"data.eval_resize must be >= data.image_size and <= 4096, got {v(d.eval_resize)}")
+    _check(0 <= d.workers <= 256, f"data.workers must be in [0, 256], got {v(d.workers)}")
+    _check(d.on_bad_image in ("stop", "skip"), f"data.on_bad_image must be stop or skip, got {v(d.on_bad_image)}")
+    _check(t.checkpoint_minutes is None or t.checkpoint_minutes >= 0,
+           f"train.checkpoint_minutes must be >= 0 (or null), got {v(t.checkpoint_minutes)}")
     _check(0 <= d.crop_padding <= MAX_CROP_PADDING,
            f"data.crop_padding must be in [0, {MAX_CROP_PADDING}] (pixels of zero padding before the random "
            f"crop), got {v(d.crop_padding)}")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from teskd.config import Config, DataConfig, from_dict, resolve_data_root
+from teskd.data.pipeline import class_count, input_size
 from teskd.engine import runtime
 from teskd.engine.checkpoint import load_checkpoint, load_model_weights
 from teskd.engine.evaluate import evaluate
@@ -46,44 +47,33 @@ def load_eval_split(data: DataConfig, split: str, device: torch.device):
     ``data.test_subset_per_class`` images of each class; the validation split is the last
     ``data.val_per_class`` training images of each class. Only the split needed is read.
     """
-    from functools import partial
+    from dataclasses import replace
 
-    from teskd.data.augment import normalize
-    from teskd.data.memory_loader import InMemoryLoader
-    from teskd.data.splits import first_k_per_class, split_val_per_class
-    from teskd.data.registry import get_dataset_spec
+    from teskd.data.pipeline import build_data
 
-    spec = get_dataset_spec(data.dataset)
+    if split not in ("test", "val"):
+        raise TeskdError(f"unknown split {split!r}; expected test or val")
+    if split == "val" and data.val_per_class == 0:
+        raise TeskdError("this run has no validation split (data.val_per_class=0); use --split test")
     root = resolve_data_root(data)  # data.root, or ${TESKD_DATA:-./data}/<dataset> when null
-    subset = None
-    if split == "test":
-        arrays = spec.load(root, train=False, download=data.download)
-        total = len(arrays)
-        subset = data.test_subset_per_class
-        if subset is not None:
-            arrays = arrays.select(first_k_per_class(arrays.labels, subset, spec.num_classes))
-        selection = (f"first {subset} test image{'s' if subset != 1 else ''} of each class"
-                     if subset is not None else "all test images")
-    elif split == "val":
-        if data.val_per_class == 0:
-            raise TeskdError("this run has no validation split (data.val_per_class=0); use --split test")
-        train = spec.load(root, train=True, download=data.download)
-        _, arrays = split_val_per_class(train, data.val_per_class)
-        total = len(arrays)
+    loader = getattr(build_data(data, device, 0, splits=(split,)), split)
+    subset = data.test_subset_per_class if split == "test" else None
+    total = loader.num_samples
+    if subset is not None:
+        whole = replace(data, test_subset_per_class=None, workers=0)
+        total = build_data(whole, torch.device("cpu"), 0, splits=("test",)).test.num_samples
+        selection = f"first {subset} test image{'s' if subset != 1 else ''} of each class"
+    elif split == "test":
+        selection = "all test images"
+    else:
         selection = (f"last {data.val_per_class} training image{'s' if data.val_per_class != 1 else ''} "
                      f"of each class, held out from training")
-    else:
-        raise TeskdError(f"unknown split {split!r}; expected test or val")
-    if len(arrays) == 0:
-        raise TeskdError(f"the {split} split of {data.dataset} at {root} is empty")
-    loader = InMemoryLoader(arrays, data.eval_batch_size, shuffle=False, drop_last=False,
-                            transform=partial(normalize, mean=spec.mean, std=spec.std), device=device)
     info = {
         "dataset": data.dataset,
         "split": split,
-        "images": len(arrays),
+        "images": loader.num_samples,
         "split_images": total,
-        "full_split": len(arrays) == total,
+        "full_split": loader.num_samples == total,
         "subset_per_class": subset,
         "selection": selection,
         "data_root": str(root.resolve()),  # absolute, symlinks resolved: the folder actually read
@@ -118,7 +108,6 @@ def _full_overrides(overrides, split: str, full: bool) -> list[str]:
 def evaluate_checkpoint(target: Path, overrides=(), which: str = "last", split: str = "test",
                         full: bool = False) -> dict:
     """Per-branch top-1/top-5 of a run directory's checkpoint (or a ``.pt`` file), with its config."""
-    from teskd.data.registry import get_dataset_spec
     from teskd.build import build_model
 
     path = _resolve_checkpoint(Path(target), which)
@@ -126,7 +115,7 @@ def evaluate_checkpoint(target: Path, overrides=(), which: str = "last", split: 
     cfg: Config = from_dict(state["config"], _full_overrides(overrides, split, full))
     device = runtime.resolve_device(cfg.train.device)
     amp = runtime.resolve_amp(cfg.train.amp, device)
-    num_classes = get_dataset_spec(cfg.data.dataset).num_classes
+    num_classes = class_count(cfg.data)
     if num_classes != state["num_classes"]:
         raise TeskdError(f"checkpoint {path} was trained for {state['num_classes']} classes, "
                          f"but {cfg.data.dataset} has {num_classes}")
@@ -197,18 +186,15 @@ def evaluate_teacher(path: Path, overrides=(), split: str = "test", full: bool =
     The config is the default one, with ``data.dataset`` from the file's metadata, then
     ``overrides`` (e.g. ``data.root=...``, ``data.test_subset_per_class=5``).
     """
-    from teskd.data.registry import get_dataset_spec
-
     if split != "test":
         raise TeskdError("a teacher .safetensors is evaluated on the test split only; the validation split "
                          "is defined by a run's config (evaluate the run directory with --split val)")
     backbone, meta = load_teacher(Path(path))
     base = {"data": {"dataset": meta["trained_on"]}} if meta["trained_on"] else {}
     cfg: Config = from_dict(base, _full_overrides(overrides, split, full))
-    spec = get_dataset_spec(cfg.data.dataset)
-    if spec.num_classes != meta["num_classes"]:
+    if class_count(cfg.data) != meta["num_classes"]:
         raise TeskdError(f"{path} has a {meta['num_classes']}-class head, but {cfg.data.dataset} has "
-                         f"{spec.num_classes} classes (set data.dataset=...)")
+                         f"{class_count(cfg.data)} classes (set data.dataset=...)")
     device = runtime.resolve_device(cfg.train.device)
     amp = runtime.resolve_amp(cfg.train.amp, device)
     loader, info = load_eval_split(cfg.data, split, device)
@@ -237,22 +223,21 @@ def model_info(cfg: Config) -> dict:
     from dataclasses import fields, replace
 
     from teskd.build import build_model
-    from teskd.data.registry import get_dataset_spec
     from teskd.models import count_macs, count_params
 
-    spec = get_dataset_spec(cfg.data.dataset)
     reference_cfg = cfg
     if "fast_students" in {f.name for f in fields(cfg.method)}:
         reference_cfg = replace(cfg, method=replace(cfg.method, fast_students=False))
     with torch.device("meta"):  # shapes only: no memory, no compute, instant even for 435M parameters
-        method = build_model(cfg, spec.num_classes)
-        reference = build_model(reference_cfg, spec.num_classes)
-    shape = (1, 3, spec.image_size, spec.image_size)
+        method = build_model(cfg, class_count(cfg.data))
+        reference = build_model(reference_cfg, class_count(cfg.data))
+    size = input_size(cfg.data)
+    shape = (1, 3, size, size)
     forward = lambda m, x: m.eval()(x)  # noqa: E731  (all branches)
     info = {
         "arch": cfg.model.arch,
         "method": cfg.method.name,
-        "num_classes": spec.num_classes,
+        "num_classes": class_count(cfg.data),
         "params_train": count_params(method),
         "params_deploy": count_params(method.deploy_module),
         "macs_train": count_macs(reference, shape, forward=forward),

@@ -133,7 +133,7 @@ def import_official(path: Path, arch: str, out: Path, overrides=()) -> Path:
                          f"the architecture with --arch only")
     cfg.data.root = str(resolve_data_root(cfg.data))  # stored absolute, as the trainer does for its runs
     dataset_classes = get_dataset_spec(cfg.data.dataset).num_classes
-    if dataset_classes != num_classes:
+    if dataset_classes is not None and dataset_classes != num_classes:
         raise TeskdError(f"{path} has {num_classes}-way heads but data.dataset={cfg.data.dataset} has "
                          f"{dataset_classes} classes; set data.dataset")
     method = build_model(cfg, num_classes)

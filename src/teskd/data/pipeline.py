@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from teskd.config import DataConfig, resolve_data_root
-from teskd.data.arrays import ImageArrays
 from teskd.data.augment import BatchAugment, normalize
 from teskd.data.loader import Loader
 from teskd.data.memory_loader import InMemoryLoader
@@ -27,10 +27,20 @@ class DataBundle:
     val: Loader | None  # None: not asked for, or data.val_per_class=0
     test: Loader | None
     num_classes: int
+    classes: list[str] | None = None  # the class names in label order (None: unknown)
 
 
-def _train_val(cfg: DataConfig, spec: DatasetSpec, root: Path, training: bool):
-    train = spec.load(root, train=True, download=cfg.download)
+def check_splits(splits: Collection[str]) -> None:
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise TeskdError(f"unknown data split {unknown[0]!r}; expected some of {', '.join(SPLITS)}")
+
+
+def _per_class(data, k: int, num_classes: int):
+    return data.select(first_k_per_class(data.labels, k, num_classes))
+
+
+def _train_val(cfg: DataConfig, train, root: Path, training: bool, num_classes: int):
     if len(train) == 0:
         raise TeskdError(f"the training split of {cfg.dataset} at {root} holds 0 images")
     train, val = split_val_per_class(train, cfg.val_per_class)
@@ -38,45 +48,67 @@ def _train_val(cfg: DataConfig, spec: DatasetSpec, root: Path, training: bool):
         raise TeskdError(f"data.val_per_class={cfg.val_per_class} holds out every training image of "
                          f"{cfg.dataset} at {root}, leaving none to train on")
     if training and cfg.subset_per_class is not None:
-        train = train.select(first_k_per_class(train.labels, cfg.subset_per_class, spec.num_classes))
+        train = _per_class(train, cfg.subset_per_class, num_classes)
         if len(train) == 0:
             raise TeskdError(f"data.subset_per_class={cfg.subset_per_class} leaves no training images")
     return train, val
 
 
-def _test(cfg: DataConfig, spec: DatasetSpec, root: Path) -> ImageArrays:
-    test = spec.load(root, train=False, download=cfg.download)
+def _test(cfg: DataConfig, test, root: Path, num_classes: int):
     if len(test) == 0:
         raise TeskdError(f"the test split of {cfg.dataset} at {root} holds 0 images; "
                          f"evaluating the model needs at least one")
     if cfg.test_subset_per_class is not None:
-        test = test.select(first_k_per_class(test.labels, cfg.test_subset_per_class, spec.num_classes))
+        test = _per_class(test, cfg.test_subset_per_class, num_classes)
         if len(test) == 0:
             raise TeskdError(f"data.test_subset_per_class={cfg.test_subset_per_class} leaves no test images; "
                              f"evaluating the model needs at least one")
     return test
 
 
-def load_splits(cfg: DataConfig, splits: Collection[str] = SPLITS):
-    """``(spec, train, val, test)``: the arrays of the asked-for splits on the CPU (only their files are
-    read), None for the others; val is the last ``data.val_per_class`` training images of each class."""
-    unknown = sorted(set(splits) - set(SPLITS))
-    if unknown:
-        raise TeskdError(f"unknown data split {unknown[0]!r}; expected some of {', '.join(SPLITS)}")
-    spec = get_dataset_spec(cfg.dataset)
-    root = resolve_data_root(cfg)
+def select_splits(cfg: DataConfig, splits: Collection[str], root: Path, read: Callable[[bool], Any],
+                  num_classes: int | None = None) -> tuple:
+    """``(train, val, test)``: the asked-for splits, None for the others. ``read(train)`` gives a split
+    (:class:`ImageArrays` or any ``labels``/``classes``/``select``/``len`` collection) and is called only
+    for the splits needed; val is the last ``data.val_per_class`` training images of each class, the
+    subsets are the first images of each class. ``num_classes`` defaults to the split's class names."""
+    check_splits(splits)
     train = val = test = None
     if "train" in splits or "val" in splits:
-        train, val = _train_val(cfg, spec, root, training="train" in splits)
+        data = read(True)
+        train, val = _train_val(cfg, data, root, "train" in splits, num_classes or len(data.classes))
         train, val = (train if "train" in splits else None), (val if "val" in splits else None)
     if "test" in splits:
-        test = _test(cfg, spec, root)
-    return spec, train, val, test
+        data = read(False)
+        test = _test(cfg, data, root, num_classes or len(data.classes))
+    return train, val, test
+
+
+def load_splits(cfg: DataConfig, splits: Collection[str] = SPLITS):
+    """``(spec, train, val, test)``: the arrays of the asked-for splits of an in-memory dataset on the CPU
+    (only their files are read), None for the others."""
+    check_splits(splits)
+    spec = get_dataset_spec(cfg.dataset)
+    if spec.load is None:
+        raise TeskdError(f"data.dataset={cfg.dataset} is read from its files while training, not loaded into "
+                         f"memory; use build_data for its loaders")
+    root = resolve_data_root(cfg)
+    read = partial(_load, spec, root, cfg.download)
+    return (spec, *select_splits(cfg, splits, root, read, spec.num_classes))
+
+
+def _load(spec: DatasetSpec, root: Path, download: bool, train: bool):
+    return spec.load(root, train=train, download=download)
 
 
 def build_data(cfg: DataConfig, device: torch.device, seed: int, rank: int = 0, world_size: int = 1,
                splits: Collection[str] = SPLITS) -> DataBundle:
     """Loaders for the asked-for splits; batch sizes are per rank, each rank gets its shard."""
+    check_splits(splits)
+    spec = get_dataset_spec(cfg.dataset)
+    if spec.build_splits is not None:
+        return spec.build_splits(cfg, tuple(splits), resolve_data_root(cfg), device=device, seed=seed, rank=rank,
+                                 world_size=world_size)
     spec, train, val, test = load_splits(cfg, splits)
 
     def loader(arrays, training: bool):
@@ -88,5 +120,22 @@ def build_data(cfg: DataConfig, device: torch.device, seed: int, rank: int = 0, 
                               drop_last=False, transform=transform, device=device, seed=seed, rank=rank,
                               world_size=world_size)
 
+    classes = next((a.classes for a in (train, val, test) if a is not None), None)
     return DataBundle(train=loader(train, True), val=loader(val, False), test=loader(test, False),
-                      num_classes=spec.num_classes)
+                      num_classes=spec.num_classes, classes=classes)
+
+
+def input_size(cfg: DataConfig) -> int:
+    """The training image size: ``data.image_size`` for datasets read from files, the arrays' size otherwise."""
+    spec = get_dataset_spec(cfg.dataset)
+    return (cfg.image_size or spec.image_size) if spec.build_splits is not None else spec.image_size
+
+
+def class_count(cfg: DataConfig) -> int:
+    """The number of classes: fixed by the dataset, or (image folders) counted from the class folders."""
+    spec = get_dataset_spec(cfg.dataset)
+    if spec.num_classes is not None:
+        return spec.num_classes
+    from teskd.data.imagefolder import find_image_classes
+
+    return len(find_image_classes(resolve_data_root(cfg), cfg.dataset, None, cfg))

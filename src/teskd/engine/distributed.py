@@ -47,3 +47,41 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def local_rank() -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_from_env() -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (WORLD_SIZE > 1).
+
+    NCCL when this process has a GPU (then ``cuda:LOCAL_RANK`` becomes its device), gloo otherwise.
+    Returns True when a group was created here (the caller then ends it with :func:`shutdown`).
+    """
+    import os
+
+    if active() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def shutdown() -> None:
+    if active():
+        dist.destroy_process_group()
+
+
+def any_ranks(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise :func:`any_rank` of several flags in one collective."""
+    if not active():
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]

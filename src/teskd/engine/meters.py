@@ -15,7 +15,8 @@ class EpochProgress:
 
     epoch: int
     step: int = 0  # batches done
-    batch_size: int = 0
+    batch_size: int = 0  # global (all ranks)
+    world_size: int = 1
     seen: int = 0  # samples done (this rank)
     seconds: float = 0.0
     sums: dict[str, float] = field(default_factory=dict)  # sample-weighted loss terms
@@ -27,7 +28,7 @@ class EpochProgress:
     @classmethod
     def from_dict(cls, d: dict) -> "EpochProgress":
         return cls(**{k: d[k] for k in ("epoch", "step", "seen", "seconds", "sums", "correct") if k in d},
-                   batch_size=int(d.get("batch_size", 0)))
+                   batch_size=int(d.get("batch_size", 0)), world_size=int(d.get("world_size", 1)))
 
 
 class EpochMeters:

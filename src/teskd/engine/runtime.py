@@ -14,8 +14,13 @@ from teskd.errors import TeskdError
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: a GPU when there is one (with several processes, this process's ``cuda:LOCAL_RANK``)."""
+    from teskd.engine import distributed
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.active():
+        name = f"cuda:{distributed.local_rank()}"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TeskdError(f"train.device={name} but no CUDA GPU is available (use train.device=cpu or auto)")
@@ -102,14 +107,23 @@ def settings(cfg: TrainConfig, device: torch.device):
         set_rng_state(rng)
 
 
-def prepare_model(method, cfg: TrainConfig, device: torch.device):
+def prepare_model(method, cfg: TrainConfig, device: torch.device, distributed_ok: bool = False):
     """Move to the device and set the memory format; returns ``(method, model)``.
 
-    ``model`` is what the engine calls: the method itself, or ``torch.compile(method)`` (a wrapper
-    module; the method, its parameters and its state dict are untouched).
+    ``model`` is what the engine calls: the method itself, or wrappers of it (DistributedDataParallel
+    when several processes train it and ``distributed_ok``, then ``torch.compile``); the method, its
+    parameters and its state dict are untouched by wrapping.
     """
+    from teskd.engine import distributed
+
     method.to(device)
     if cfg.channels_last:
         method.to(memory_format=torch.channels_last)
-    model = torch.compile(method) if cfg.compile else method
+    model = method
+    if distributed_ok and distributed.active():
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
     return method, model

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 from teskd import __version__, fileio
 from teskd.build import build_model
 from teskd.config import Config, resolve_data_root, to_dict
+from teskd.data.memory_loader import InMemoryLoader
 from teskd.data.pipeline import build_data
 from teskd.engine import distributed, runtime
 from teskd.engine.checkpoint import load_model_weights
@@ -47,13 +50,22 @@ class Trainer:
         tc = cfg.train
         self.device = runtime.resolve_device(tc.device)
         self.amp_dtype = runtime.resolve_amp(tc.amp, self.device)
+        self.world = distributed.world_size()
         with runtime.settings(tc, self.device):
             runtime.seed_everything(tc.seed)
-            self.data = build_data(cfg.data, self.device, tc.seed, rank=distributed.rank(),
-                                   world_size=distributed.world_size())
-            self.method, self.model = runtime.prepare_model(build_model(cfg, self.data.num_classes), tc,
-                                                            self.device)
+            self.data = build_data(_per_rank(cfg.data, self.world), self.device, tc.seed, rank=distributed.rank(),
+                                   world_size=self.world)
+            method = build_model(cfg, self.data.num_classes)
+            if tc.sync_bn and self.world > 1:
+                if self.device.type != "cuda":
+                    raise TeskdError("train.sync_bn=true needs GPUs (NCCL); on CPUs each process keeps its own "
+                                     "BatchNorm statistics")
+                method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+            self.method, self.model = runtime.prepare_model(method, tc, self.device, distributed_ok=True)
             self._rng = runtime.rng_state()  # training continues the RNG streams from here
+        if self.world > 1:
+            log.info(f"{self.world} processes: global batch {cfg.data.batch_size} = {self.world} x "
+                     f"{cfg.data.batch_size // self.world} per process")
         self.opt = Optimization(make_optimizer(self.method, cfg.optim), self.device, self.amp_dtype)
         self.metrics = MetricsLog(self.rundir.metrics)
         self.ckpt_dir = self.rundir.checkpoints
@@ -73,6 +85,7 @@ class Trainer:
                 **self.opt.state_dict(), "epoch": epoch, "best": dict(self.best),
                 "train_seconds": self.train_seconds, "train_images": self.train_images,
                 "rng": runtime.rng_state(), "config": to_dict(self.cfg), "num_classes": self.data.num_classes,
+                "classes": list(self.data.classes or []),
                 "teskd_version": __version__}
 
     def load_state(self, state: dict) -> None:
@@ -105,6 +118,9 @@ class Trainer:
             raise TeskdError(f"the checkpoint stopped inside epoch {done + 1} after batch {progress['step']} "
                              f"of data.batch_size={old_batch}; resume with that batch size "
                              f"(it may change at an epoch boundary)")
+        if progress and int(progress.get("world_size", 1)) != self.world:
+            raise TeskdError(f"the checkpoint stopped inside epoch {done + 1} with {progress.get('world_size', 1)} "
+                             f"processes; resume it with that many (the number may change at an epoch boundary)")
         changed = _changed_settings(old, to_dict(self.cfg))
         if changed and "optimizer" in state:
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:8])
@@ -114,8 +130,9 @@ class Trainer:
     # --- loop ------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        with RunLock(self.rundir) as lock, runtime.settings(self.cfg.train, self.device), stop_on_signals(self):
-            self.checkpointer.lock = lock
+        lock = RunLock(self.rundir) if distributed.is_primary() else contextlib.nullcontext()
+        with lock, runtime.settings(self.cfg.train, self.device), stop_on_signals(self):
+            self.checkpointer.lock = lock if distributed.is_primary() else None
             runtime.set_rng_state(self._rng)
             self._start()
             epochs = self.cfg.train.epochs
@@ -129,7 +146,27 @@ class Trainer:
 
     def _start(self) -> None:
         """Fresh start or resume, under the lock; the config is written first, so any later kill leaves a
-        folder that ``--resume`` accepts."""
+        folder that ``--resume`` accepts. Only the primary rank writes; every rank reads the checkpoint."""
+        fresh = not self.resume or not self.rundir.has_checkpoint()
+        distributed.barrier()  # every rank has decided before the primary changes anything
+        if distributed.is_primary():
+            self._prepare_folder()
+        if self.resume and fresh:
+            log.info(f"no checkpoint in {self.run_dir} yet (stopped before its first save): "
+                     f"starting the run again from the beginning")
+        if not fresh:
+            state, used = self.checkpointer.load()
+            self.load_state(state)
+        if distributed.is_primary():
+            fileio.atomic_write_text(self.rundir.config, _config_yaml(self.cfg))
+            if fresh:
+                self.metrics.reset()
+            else:
+                self.metrics.truncate_after(self.start_epoch)
+                self.checkpointer.repair_best(state, used)
+        distributed.barrier()
+
+    def _prepare_folder(self) -> None:
         if self.overwrite:
             self.rundir.clear()
         self.rundir.remove_orphans()
@@ -137,19 +174,6 @@ class Trainer:
             self.ckpt_dir.mkdir(exist_ok=True)
         except OSError as exc:
             raise TeskdError(f"cannot write to {self.ckpt_dir}: {fileio.describe_os_error(exc)}") from exc
-        fresh = not self.resume or not self.rundir.has_checkpoint()
-        if self.resume and fresh:
-            log.info(f"no checkpoint in {self.run_dir} yet (stopped before its first save): "
-                     f"starting the run again from the beginning")
-        if not fresh:
-            state, used = self.checkpointer.load()
-            self.load_state(state)
-        fileio.atomic_write_text(self.rundir.config, _config_yaml(self.cfg))
-        if fresh:
-            self.metrics.reset()
-        else:
-            self.metrics.truncate_after(self.start_epoch)
-            self.checkpointer.repair_best(state, used)
 
     def run_epoch(self, epoch: int) -> None:
         progress, self.resume_progress = self.resume_progress, None
@@ -174,30 +198,34 @@ class Trainer:
         self.method.train()
         loader.set_epoch(epoch)
         steps = len(loader)
-        p = progress or EpochProgress(epoch=epoch, batch_size=loader.batch_size)
+        p = progress or EpochProgress(epoch=epoch, batch_size=self.cfg.data.batch_size, world_size=self.world)
         meters, pending = EpochMeters(self.device, p), []
         check_every = 1 if self.device.type == "cpu" else 25  # GPU: avoid a host sync per step
-        t0 = time.perf_counter() - p.seconds
+        t0 = saved_at = time.perf_counter() - p.seconds
         lr = self._set_lr(epoch, p.step, steps)
-        bar = self._bar(loader.iter_from(p.step), p.step, steps, f"epoch {epoch + 1}/{tc.epochs}")
+        batches = _Waiting(loader.iter_from(p.step))
+        bar = self._bar(batches, p.step, steps, f"epoch {epoch + 1}/{tc.epochs}")
         for step, batch in enumerate(bar, start=p.step):
             lr = self._set_lr(epoch, step, steps)
             out = self.method.training_step(self.model, self._to_step_input(batch), self.opt)
             meters.update(out.loss.detach().float(), out.parts, out.logits, batch[1])
             pending.append((step, out.loss.detach().float(), out.parts))
             done = step + 1
-            ckpt_due = bool(tc.checkpoint_every) and done % tc.checkpoint_every == 0
-            if done % check_every == 0 or done == steps or ckpt_due:  # sync points (never save unchecked steps)
+            every_due = bool(tc.checkpoint_every) and done % tc.checkpoint_every == 0
+            if done % check_every == 0 or done == steps or every_due:  # sync points (never save unchecked steps)
                 self._check_finite(pending, epoch)
                 pending = []
                 self._show(bar, meters, lr, t0)
-                stop = self._stop_requested()
-                if done < steps and (stop or ckpt_due):
-                    now = EpochProgress(epoch, done, loader.batch_size, seconds=time.perf_counter() - t0)
+                stop, due = self._decide(every_due, saved_at)
+                if done < steps and (stop or due):
+                    saved_at = time.perf_counter()
+                    now = EpochProgress(epoch, done, self.cfg.data.batch_size, self.world, seconds=saved_at - t0)
                     self.checkpointer.save(self.state_dict(epoch, meters.snapshot(now)))
                     if stop:
                         bar.close()
                         raise Interrupted(self.stop_signal or "SIGTERM", epoch, done, self.run_dir)
+        bar.close()
+        self._data_wait = batches.seconds
         bar.close()
         return self._epoch_record(epoch, lr, meters, p, t0)
 
@@ -217,6 +245,15 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """A signal reached any rank (all ranks then stop at the same step)."""
         return distributed.any_rank(bool(self.stop_signal), self.device)
+
+    def _decide(self, every_due: bool, saved_at: float) -> tuple[bool, bool]:
+        """(stop, save) agreed by all ranks: a signal on any rank; a step or time interval reached."""
+        minutes = self.cfg.train.checkpoint_minutes
+        if minutes is None:  # in-memory epochs take seconds; image-folder epochs take hours
+            minutes = 0.0 if isinstance(self.data.train, InMemoryLoader) else 30.0
+        time_due = minutes > 0 and time.perf_counter() - saved_at >= 60.0 * minutes
+        stop, due = distributed.any_ranks([bool(self.stop_signal), every_due or time_due], self.device)
+        return stop, due
 
     def _bar(self, iterable, start: int, total: int, desc: str):
         from tqdm import tqdm
@@ -253,7 +290,8 @@ class Trainer:
         self.train_seconds += seconds - p.seconds
         self.train_images += meters.seen - p.seen
         record = {"epoch": epoch + 1, "lr": lr, **meters.record(), "epoch_seconds": seconds}
-        record["train_images_per_sec"] = meters.seen * distributed.world_size() / seconds
+        record["train_images_per_sec"] = (meters.seen - p.seen) * self.world / max(seconds - p.seconds, 1e-9)
+        record["data_wait_share"] = self._data_wait / max(seconds - p.seconds, 1e-9)  # time waiting for batches
         return record
 
     def evaluate_epoch(self) -> dict:
@@ -273,7 +311,8 @@ class Trainer:
         val = f" val_{self.method.deploy_branch}={r['val_acc'][self.method.deploy_branch]:.2f}" \
             if "val_acc" in r else ""
         log.info(f"epoch {r['epoch']}/{self.cfg.train.epochs} loss={r['train_loss']:.4f} lr={r['lr']:.4g} "
-                 f"{r['train_images_per_sec']:.0f} img/s | test top-1 {accs}{val}")
+                 f"{r['train_images_per_sec']:.0f} img/s (data wait {100 * r['data_wait_share']:.0f}%) | "
+                 f"test top-1 {accs}{val}")
 
     # --- end of run ------------------------------------------------------------------------
 
@@ -281,7 +320,7 @@ class Trainer:
         summary = summarise(self, self.metrics.read())
         if distributed.is_primary():
             self.checkpointer.check_run_dir()
-            export_teacher(self.method, self.rundir.teacher, self.cfg, self.data.num_classes)
+            export_teacher(self.method, self.rundir.teacher, self.cfg, self.data.num_classes, self.data.classes)
             fileio.atomic_write_text(self.rundir.summary, json.dumps(summary, indent=2) + "\n")
         return summary
 
@@ -302,3 +341,31 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _changed_settings(old: dict, new: dict) -> list[tuple[str, object, object]]:
     a, b = _flatten(old), _flatten(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _per_rank(data, world: int):
+    """The data config one process loads: the configured (global) batch sizes split over ``world`` ranks."""
+    if world == 1:
+        return data
+    if data.batch_size % world:
+        raise TeskdError(f"data.batch_size={data.batch_size} is the global batch: it must divide evenly over "
+                         f"{world} processes (e.g. {data.batch_size // world * world or world})")
+    return dataclasses.replace(data, batch_size=data.batch_size // world,
+                               eval_batch_size=max(1, -(-data.eval_batch_size // world)))
+
+
+class _Waiting:
+    """Iterates ``batches``, adding up the seconds spent waiting for the next one (the input pipeline's share)."""
+
+    def __init__(self, batches):
+        self.batches, self.seconds = iter(batches), 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.seconds += time.perf_counter() - t

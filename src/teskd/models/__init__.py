@@ -1,6 +1,7 @@
 """Models: backbones (the deployable teachers) and TESKD's students."""
 
 from teskd.models.backbones import resnet as _resnet  # noqa: F401  (registers the ResNets)
+from teskd.models.backbones import resnet_imagenet as _resnet_imagenet  # noqa: F401  (the ImageNet ResNets)
 from teskd.models.backbones import senet as _senet, resnext as _resnext  # noqa: F401
 from teskd.models.backbones import vgg as _vgg  # noqa: F401
 from teskd.models.backbones.base import Backbone, StageInfo

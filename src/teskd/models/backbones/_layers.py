@@ -1,4 +1,5 @@
-"""Layers shared by the CIFAR residual families (ResNet, SE-ResNet, ResNeXt) and channel scaling.
+"""Layers shared by the residual families (CIFAR ResNet, SE-ResNet, ResNeXt; ImageNet ResNet) and
+channel scaling.
 
 Block module names are torchvision's and the official TESKD code's: ``conv1, bn1, conv2, bn2``
 (+ ``conv3, bn3`` for Bottleneck, whose stride sits on the 3x3 ``conv2``); when the shape
@@ -82,16 +83,20 @@ class Bottleneck(nn.Module):
 
 def add_resnet_stages(backbone: Backbone, in_ch: int, num_blocks: Sequence[int],
                       make_block: Callable[[int, int, int, int], nn.Module], width_mult: float,
-                      mid: int = 1, expansion: int = 1, names: Sequence[str] = RESNET_STAGES) -> int:
-    """Add the four CIFAR residual stages (base planes 64..512, strides 1, 2, 2, 2) as ``names``;
+                      mid: int = 1, expansion: int = 1, names: Sequence[str] = RESNET_STAGES,
+                      stem_reduction: int = 1) -> int:
+    """Add the four residual stages (base planes 64..512, strides 1, 2, 2, 2) as ``names``;
     set ``stage_info`` and ``num_features``; return the output channels.
+
+    ``stem_reduction`` is the stem's spatial stride (1 for the CIFAR stems, 4 for ImageNet's
+    stride-2 conv + stride-2 max-pool), so the stage reductions are ``stem_reduction`` x 1, 2, 4, 8.
 
     Stage ``planes`` has blocks ``make_block(in_ch, mid_ch, out_ch, stride)`` with
     ``mid_ch = mid x planes`` and ``out_ch = expansion x planes``, both scaled by ``width_mult``.
     """
     if len(num_blocks) != 4:
         raise ValueError(f"a residual backbone has 4 stages, got num_blocks={list(num_blocks)}")
-    reduction, infos = 1, []
+    reduction, infos = stem_reduction, []
     for name, planes, blocks, stride in zip(names, (64, 128, 256, 512), num_blocks, (1, 2, 2, 2)):
         mid_ch, out_ch = scale_channels(mid * planes, width_mult), scale_channels(expansion * planes, width_mult)
         layers = []

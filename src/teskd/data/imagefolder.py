@@ -1,0 +1,209 @@
+"""Image-folder datasets: ``root/train/<class>/*.jpg|jpeg|png`` for training (``data.val_per_class`` may hold
+some out) and ``root/val/<class>/*`` as the test split; ``imagefolder`` takes any number of classes,
+``imagenet`` expects its 1000.
+
+The files are listed once (torchvision's ``find_classes``/``make_dataset``: class folders in sorted order),
+decoded to uint8 RGB in DataLoader workers, cropped there under :class:`TorchLoader`'s per-sample seeds
+(training: ``RandomResizedCrop`` + flip; evaluation: ``Resize`` + ``CenterCrop``) and normalised on the
+training device. An unreadable file comes back as a :class:`BadSample` naming it (``data.on_bad_image``).
+torchvision is imported where it is used: importing ``teskd.data`` (CIFAR runs too) stays quick.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from teskd.config import DataConfig
+from teskd.data.augment import normalize
+from teskd.data.pipeline import DataBundle, select_splits
+from teskd.data.registry import DatasetSpec, get_dataset_spec, register_dataset
+from teskd.data.torch_loader import BadSample, TorchLoader
+from teskd.errors import TeskdError
+
+EXTENSIONS = (".jpg", ".jpeg", ".png")  # matched case-insensitively
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_IMAGE_SIZE = 224  # and 256 (= 224 * 8 / 7) before the evaluation centre crop
+_PREFETCH = 4  # batches in flight per worker
+_LAYOUT = "{root}/train/<class>/*.jpg (or .jpeg, .png) and {root}/val/<class>/*"
+
+
+@dataclass
+class ImageFiles:
+    """A split's labelled file list. Paths are kept as one bytes array (relative to ``folder``): workers
+    forked from the training process then share it instead of copying a million Python strings."""
+
+    folder: str
+    names: np.ndarray  # bytes (N,): os.fsencode of each path relative to folder
+    labels: torch.Tensor  # int64 (N,)
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.folder, os.fsdecode(self.names[index]))
+
+    def select(self, index: torch.Tensor) -> ImageFiles:
+        return ImageFiles(self.folder, self.names[index.cpu().numpy()], self.labels[index], self.classes)
+
+
+def _no_data(name: str, root: Path, cfg: DataConfig | None = None) -> TeskdError:
+    why = "the folder does not exist" if not root.exists() else "it has no train or val folder"
+    note = "; data.download does not apply to image folders" if cfg is not None and cfg.download else ""
+    return TeskdError(f"no {name} data found at {root} ({why}); expected {_LAYOUT.format(root=root)}; "
+                      f"point data.root at the data{note}")
+
+
+def _class_folders(folder: Path, name: str) -> list[str]:
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        return find_classes(folder)[0]
+    except FileNotFoundError as err:  # also torchvision's "no class folder"
+        hint = " (ImageNet's flat validation images must first be sorted into class folders)" \
+            if name == "imagenet" and folder.name == "val" else ""
+        raise TeskdError(f"{folder} holds no class folders; expected one folder of images per class, "
+                         f"{folder}/<class>/*.jpg{hint}") from err
+    except OSError as err:
+        raise TeskdError(f"cannot list {folder} ({' '.join(str(err).split())})") from err
+
+
+def find_image_classes(root: Path, name: str, expected: int | None, cfg: DataConfig | None = None) -> list[str]:
+    """The class names in label order: ``root/train``'s class folders (``root/val``'s without a train folder)."""
+    folder = next((root / s for s in ("train", "val") if (root / s).is_dir()), None)
+    if folder is None:
+        raise _no_data(name, root, cfg)
+    classes = _class_folders(folder, name)
+    if expected is not None and len(classes) != expected:
+        raise TeskdError(f"{name} at {root} should have {expected} class folders in {folder}, found "
+                         f"{len(classes)}; use data.dataset=imagefolder for another number of classes")
+    return classes
+
+
+def list_images(root: Path, split: str, classes: list[str], name: str) -> ImageFiles:
+    """The images of ``root/<split>`` (``train`` or ``val``), labelled by ``classes``."""
+    from torchvision.datasets.folder import make_dataset
+
+    folder = root / split
+    if not folder.is_dir():
+        role = "training images" if split == "train" else "test split"
+        raise TeskdError(f"{folder} does not exist; the {role} of {name} {'are' if split == 'train' else 'is'} "
+                         f"read from it (expected {_LAYOUT.format(root=root)})")
+    present = _class_folders(folder, name)
+    unknown = sorted(set(present) - set(classes))
+    if unknown:
+        raise TeskdError(f"{folder} has {len(unknown)} class folder(s) that {root / 'train'} lacks "
+                         f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''})")
+    label = {c: i for i, c in enumerate(classes)}
+    try:
+        samples = make_dataset(str(folder), {c: label[c] for c in present}, extensions=EXTENSIONS)
+    except FileNotFoundError as err:  # a class folder without images
+        raise TeskdError(f"{folder}: {' '.join(str(err).split())}") from err
+    prefix = os.path.join(str(folder), "")
+    names = np.array([os.fsencode(p[len(prefix):]) for p, _ in samples], dtype=bytes)
+    labels = torch.tensor([c for _, c in samples], dtype=torch.int64)
+    return ImageFiles(str(folder), names, labels, classes)
+
+
+_SOURCE_LINE = re.compile(r"^[\w.]+, \S+\.(?:cpp|h):\d+, ")  # torchvision's "decode_jpeg, <file>:<line>, "
+_DEPRECATED = "The image decoding and encoding capabilities of TorchVision are deprecated"
+
+
+def decode_rgb(data: torch.Tensor) -> torch.Tensor:
+    """A JPEG or PNG file's bytes -> uint8 (3, H, W) RGB (grayscale, CMYK, palette and alpha converted)."""
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2.functional import to_dtype
+
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for TorchCodec): once per image
+        warnings.filterwarnings("ignore", _DEPRECATED, DeprecationWarning)
+        image = decode_image(data, mode=ImageReadMode.RGB)
+    if image.ndim == 4:  # an animated GIF (under a .jpg name): its first frame, as PIL gives
+        image = image[0]
+    if image.dtype != torch.uint8:  # 16-bit PNG
+        image = to_dtype(image, torch.uint8, scale=True)
+    return image
+
+
+class FolderImages(Dataset):
+    """``files[i] -> (uint8 (3, H, W), label)``, or ``(BadSample, label)`` for a file that cannot be read."""
+
+    def __init__(self, files: ImageFiles):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        path, label = self.files.path(index), int(self.files.labels[index])
+        try:
+            return decode_rgb(torch.from_numpy(np.fromfile(path, dtype=np.uint8))), label
+        except (RuntimeError, OSError, ValueError) as err:
+            text = _SOURCE_LINE.sub("", " ".join(str(err).split()))
+            return BadSample(path, text or type(err).__name__), label
+
+
+def image_sizes(cfg: DataConfig, spec: DatasetSpec) -> tuple[int, int]:
+    """``(crop, eval_resize)``: data.image_size (else the dataset's), data.eval_resize (else crop * 8/7)."""
+    size = cfg.image_size or spec.image_size
+    resize = cfg.eval_resize or round(size * 8 / 7)
+    if resize < size:
+        raise TeskdError(f"data.eval_resize={resize} is smaller than the crop data.image_size={size}; "
+                         f"the evaluation centre crop must fit in the resized image")
+    return size, resize
+
+
+def train_transform(size: int, hflip: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    from torchvision.transforms import v2
+
+    flip = [v2.RandomHorizontalFlip()] if hflip else []
+    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), *flip])
+
+
+def eval_transform(size: int, resize: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
+
+
+def _loader(files: ImageFiles | None, training: bool, cfg: DataConfig, spec: DatasetSpec, device, seed: int,
+            rank: int, world_size: int) -> TorchLoader | None:
+    if files is None:
+        return None
+    size, resize = image_sizes(cfg, spec)
+    return TorchLoader(
+        FolderImages(files), cfg.batch_size if training else cfg.eval_batch_size, shuffle=training,
+        drop_last=False, device=device,
+        transform=train_transform(size, cfg.hflip) if training else eval_transform(size, resize),
+        device_transform=partial(normalize, mean=spec.mean, std=spec.std), seed=seed, rank=rank,
+        world_size=world_size, num_workers=cfg.workers, persistent_workers=True, prefetch_factor=_PREFETCH,
+        on_bad_sample=cfg.on_bad_image)
+
+
+def build_folder_splits(cfg: DataConfig, splits: Collection[str], root: Path, *, device, seed: int,
+                        rank: int = 0, world_size: int = 1) -> DataBundle:
+    """The ``build_splits`` of an image-folder dataset (see :class:`DatasetSpec`)."""
+    spec = get_dataset_spec(cfg.dataset)
+    image_sizes(cfg, spec)  # a bad size is reported before the (slow) listing
+    classes = find_image_classes(root, cfg.dataset, spec.num_classes, cfg)
+    read = lambda train: list_images(root, "train" if train else "val", classes, cfg.dataset)  # noqa: E731
+    train, val, test = select_splits(cfg, splits, root, read, len(classes))
+    make = partial(_loader, cfg=cfg, spec=spec, device=device, seed=seed, rank=rank, world_size=world_size)
+    return DataBundle(train=make(train, True), val=make(val, False), test=make(test, False),
+                      num_classes=len(classes), classes=classes)
+
+
+register_dataset(DatasetSpec("imagefolder", None, IMAGENET_MEAN, IMAGENET_STD, _IMAGE_SIZE,
+                             build_splits=build_folder_splits))
+register_dataset(DatasetSpec("imagenet", 1000, IMAGENET_MEAN, IMAGENET_STD, _IMAGE_SIZE,
+                             build_splits=build_folder_splits))

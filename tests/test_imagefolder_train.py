@@ -1,0 +1,63 @@
+"""End to end on real JPEGs (../shared/data/imagenette-mini) with the ImageNet pipeline at a small size:
+train, evaluate the run and its exported teacher, and drop the teacher into torchvision's ResNet."""
+
+import json
+
+import pytest
+import torch
+
+from teskd.cli import main
+from teskd.engine.checkpoint import load_checkpoint
+
+from conftest import REPO
+
+IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette-mini"
+CONFIG = str(REPO / "configs" / "imagefolder" / "small_resnet18_teskd.yaml")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    if not (IMAGENETTE / "train").is_dir():
+        pytest.skip(f"imagenette-mini not found at {IMAGENETTE} (see ../shared/data/README.md)")
+    out = tmp_path_factory.mktemp("folder") / "run"
+    args = [f"data.root={IMAGENETTE}", "data.image_size=32", "data.eval_resize=36", "data.subset_per_class=2",
+            "data.test_subset_per_class=2", "data.batch_size=10", "data.workers=0", "model.width_mult=0.0625",
+            "train.epochs=1", "schedule.warmup_epochs=0", "train.progress=false", "train.threads=1"]
+    assert main(["train", CONFIG, *args, "--out", str(out)]) == 0
+    return out
+
+
+def test_image_folder_run_records_the_folders_classes(run):
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    classes = sorted(p.name for p in (IMAGENETTE / "train").iterdir() if p.is_dir())
+    assert state["num_classes"] == len(classes) and state["classes"] == classes
+    record = json.loads((run / "metrics.jsonl").read_text())
+    assert 0.0 <= record["data_wait_share"] <= 1.0 and record["train_images_per_sec"] > 0
+
+
+def test_run_and_exported_teacher_evaluate_alike(run, capsys):
+    assert main(["eval", str(run), "--json"]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(run / "teacher.safetensors"), f"data.root={IMAGENETTE}", "data.image_size=32",
+                 "data.eval_resize=36", "data.test_subset_per_class=2", "data.workers=0", "--json"]) == 0
+    from_teacher = json.loads(capsys.readouterr().out)
+    assert from_run["images"] == from_teacher["images"] == 2 * state_classes(run)
+    assert from_run["accuracy"]["teacher"] == from_teacher["accuracy"]["teacher"]
+
+
+def state_classes(run) -> int:
+    return load_checkpoint(run / "checkpoints" / "last.pt")["num_classes"]
+
+
+def test_deployed_teacher_is_a_torchvision_resnet(run):
+    import torchvision
+    from safetensors.torch import load_file
+
+    from teskd.models import build_backbone
+
+    weights = load_file(str(run / "teacher.safetensors"))
+    ours = build_backbone("resnet18_imagenet", state_classes(run), 1.0)
+    full = {k: torch.zeros_like(v) if v.dtype.is_floating_point else v for k, v in ours.state_dict().items()}
+    assert set(weights) == set(full)  # same keys as the full-width network, narrower tensors
+    tv = torchvision.models.resnet18(num_classes=state_classes(run))
+    assert set(tv.state_dict()) == set(weights)
