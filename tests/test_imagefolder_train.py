@@ -61,3 +61,54 @@ def test_deployed_teacher_is_a_torchvision_resnet(run):
     assert set(weights) == set(full)  # same keys as the full-width network, narrower tensors
     tv = torchvision.models.resnet18(num_classes=state_classes(run))
     assert set(tv.state_dict()) == set(weights)
+
+
+def _tree(root, classes, per_class=3, bad=None):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.new("RGB", (20 + i, 18), (40 * i, 100, 7)).save(root / split / c / f"{i}.png")
+    if bad:
+        (root / "train" / classes[0] / bad).write_bytes(b"\xff\xd8 not a jpeg")
+
+
+FOLDER_ARGS = ["data.image_size=32", "data.eval_resize=36", "data.batch_size=4", "data.workers=0",
+               "model.width_mult=0.0625", "train.epochs=1", "schedule.warmup_epochs=0", "train.progress=false",
+               "train.threads=1"]
+
+
+def test_corrupt_image_is_skipped_counted_and_training_goes_on(tmp_path, capsys):
+    _tree(tmp_path / "data", ["a", "b"], bad="broken.jpg")
+    run = tmp_path / "run"
+    assert main(["train", CONFIG, f"data.root={tmp_path / 'data'}", "data.on_bad_image=skip", *FOLDER_ARGS,
+                 "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable image" in out and "broken.jpg" in out
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 1
+    assert main(["train", CONFIG, f"data.root={tmp_path / 'data'}", "data.on_bad_image=stop", *FOLDER_ARGS,
+                 "--out", str(tmp_path / "stopped")]) == 2
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_on_other_class_folders_is_refused(tmp_path, capsys):
+    _tree(tmp_path / "data", ["a", "b"])
+    run = tmp_path / "run"
+    assert main(["train", CONFIG, f"data.root={tmp_path / 'data'}", *FOLDER_ARGS, "--out", str(run)]) == 0
+    (tmp_path / "data" / "train" / "b").rename(tmp_path / "data" / "train" / "c")
+    (tmp_path / "data" / "val" / "b").rename(tmp_path / "data" / "val" / "c")
+    assert main(["train", "--resume", str(run), "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "class 1: 'b' in the checkpoint, 'c' in" in err
+
+
+def test_too_small_images_for_the_students_are_a_one_line_error(tmp_path, capsys):
+    _tree(tmp_path / "data", ["a", "b"])
+    args = [a for a in FOLDER_ARGS if not a.startswith(("data.image_size", "data.eval_resize"))]
+    assert main(["train", CONFIG, f"data.root={tmp_path / 'data'}", "data.image_size=16", *args,
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot build teskd on resnet18_imagenet for 16px images" in err and len(err.strip().splitlines()) == 1

@@ -109,6 +109,12 @@ class Trainer:
     def _check_resumable(self, state: dict) -> None:
         """Refuse settings that cannot continue this checkpoint; say which settings changed."""
         done, epochs = int(state["epoch"]), self.cfg.train.epochs
+        saved, found = state.get("classes") or [], self.data.classes or []
+        if saved and found and saved != found:
+            diff = next(i for i, (a, b) in enumerate(zip(saved + [None], found + [None])) if a != b)
+            raise TeskdError(f"the checkpoint was trained on {len(saved)} classes that differ from the data's "
+                             f"{len(found)} (class {diff}: {saved[diff] if diff < len(saved) else '-'!r} in the "
+                             f"checkpoint, {found[diff] if diff < len(found) else '-'!r} in {self.cfg.data.root})")
         if "optimizer" in state and epochs < done:
             raise TeskdError(f"{self.run_dir} has finished {done} epochs; train.epochs={epochs} would discard "
                              f"finished epochs (resume keeps train.epochs >= {done}; start a new run for fewer)")
