@@ -109,3 +109,8 @@ def add_resnet_stages(backbone: Backbone, in_ch: int, num_blocks: Sequence[int],
     backbone.stage_info = tuple(infos)
     backbone.num_features = in_ch
     return in_ch
+
+
+def resnet_depths() -> dict[int, tuple[type, tuple[int, int, int, int]]]:
+    """ResNet depth -> (block, blocks per stage), shared by the CIFAR and ImageNet families."""
+    return {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3))}

@@ -17,7 +17,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from teskd.models.backbones._layers import BasicBlock, Bottleneck, add_resnet_stages, conv3x3, scale_channels
+from teskd.models.backbones._layers import (BasicBlock, Bottleneck, add_resnet_stages, conv3x3, resnet_depths,
+                                            scale_channels)
 from teskd.models.backbones.base import Backbone
 from teskd.models.registry import register_backbone
 
@@ -44,16 +45,13 @@ class CifarResNet(Backbone):
         return self.relu(self.bn1(self.conv1(x)))
 
 
-@register_backbone("resnet18")
-def resnet18(num_classes: int, width_mult: float = 1.0) -> CifarResNet:
-    return CifarResNet(BasicBlock, (2, 2, 2, 2), num_classes, width_mult)
+def register_resnets(cls: type, suffix: str = "") -> None:
+    """Register ``resnet{18,34,50}{suffix}`` as ``cls(block, blocks, num_classes, width_mult)``."""
+    for depth, (block, blocks) in resnet_depths().items():
+        def factory(num_classes: int, width_mult: float = 1.0, block=block, blocks=blocks):
+            return cls(block, blocks, num_classes, width_mult)
+
+        register_backbone(f"resnet{depth}{suffix}")(factory)
 
 
-@register_backbone("resnet34")
-def resnet34(num_classes: int, width_mult: float = 1.0) -> CifarResNet:
-    return CifarResNet(BasicBlock, (3, 4, 6, 3), num_classes, width_mult)
-
-
-@register_backbone("resnet50")
-def resnet50(num_classes: int, width_mult: float = 1.0) -> CifarResNet:
-    return CifarResNet(Bottleneck, (3, 4, 6, 3), num_classes, width_mult)
+register_resnets(CifarResNet)

@@ -32,7 +32,7 @@ from torch import nn
 
 from teskd.models.backbones._layers import BasicBlock, Bottleneck, add_resnet_stages, scale_channels
 from teskd.models.backbones.base import Backbone
-from teskd.models.registry import register_backbone
+from teskd.models.backbones.resnet import register_resnets
 
 STEM_REDUCTION = 4  # stride-2 conv, then stride-2 max-pool
 
@@ -72,16 +72,4 @@ class ImageNetResNet(Backbone):
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
 
-@register_backbone("resnet18_imagenet")
-def resnet18_imagenet(num_classes: int, width_mult: float = 1.0) -> ImageNetResNet:
-    return ImageNetResNet(BasicBlock, (2, 2, 2, 2), num_classes, width_mult)
-
-
-@register_backbone("resnet34_imagenet")
-def resnet34_imagenet(num_classes: int, width_mult: float = 1.0) -> ImageNetResNet:
-    return ImageNetResNet(BasicBlock, (3, 4, 6, 3), num_classes, width_mult)
-
-
-@register_backbone("resnet50_imagenet")
-def resnet50_imagenet(num_classes: int, width_mult: float = 1.0) -> ImageNetResNet:
-    return ImageNetResNet(Bottleneck, (3, 4, 6, 3), num_classes, width_mult)
+register_resnets(ImageNetResNet, "_imagenet")
