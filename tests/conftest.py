@@ -31,3 +31,19 @@ def hooked_trainer(config, args, run: Path, hook, **kwargs):
 
     trainer.method.register_forward_hook(forward_hook)
     return trainer
+
+
+def randomize_bn(module, seed: int = 0) -> None:
+    """Give every BatchNorm non-trivial affine parameters and running statistics (so eval outputs depend on them)."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)

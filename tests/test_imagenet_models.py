@@ -16,6 +16,8 @@ from teskd.methods import build_method
 from teskd.models import build_backbone, count_params, list_backbones
 from teskd.models.backbones.resnet_imagenet import ImageNetResNet
 
+from conftest import randomize_bn
+
 TORCHVISION = {
     "resnet18_imagenet": torchvision.models.resnet18,
     "resnet34_imagenet": torchvision.models.resnet34,
@@ -34,19 +36,6 @@ def teskd_method(arch: str, classes: int = 1000, width_mult: float = 1.0, input_
     """TESKD on ``arch`` as build_model makes it for ``input_size`` px images (faithful students)."""
     cfg = load_config(None, [f"model.arch={arch}", f"model.width_mult={width_mult}"])
     return build_method("teskd", build_backbone(arch, classes, width_mult), classes, cfg.method, input_size)
-
-
-def randomize_bn(module: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN affine parameters and running statistics (so eval-mode outputs depend on them)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
 
 
 def test_registered():

@@ -14,6 +14,8 @@ from teskd.models import HierarchicalStudents, StageInfo, build_backbone, count_
 from teskd.models.registry import register_backbone
 from teskd.models.students import branch_stage
 
+from conftest import randomize_bn
+
 ARCHS = ("resnet18", "resnet34", "resnet50")
 # official counts, 100 classes: (teacher alone, teacher + students)
 OFFICIAL_PARAMS = {
@@ -38,19 +40,6 @@ def branches(method, x):
 
 def stage_info(chs, reductions=(1, 2, 4, 8)):
     return tuple(StageInfo(c, r, f"layer{i}") for i, (c, r) in enumerate(zip(chs, reductions), 1))
-
-
-def randomize_bn(module: nn.Module, seed: int = 0) -> None:
-    """Give every BN non-trivial affine parameters and running statistics."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
 
 
 # ---------------------------------------------------------------- parameter counts

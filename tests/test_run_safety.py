@@ -143,7 +143,7 @@ def test_torn_last_metrics_line_is_dropped_on_resume(reference, tmp_path, capsys
 def test_damaged_metrics_line_in_the_middle_is_a_one_line_error(tmp_path):
     log = MetricsLog(tmp_path / "metrics.jsonl")
     log.path.write_text('{"epoch": 1}\nnot json\n{"epoch": 2}\n')
-    with pytest.raises(TeskdError, match="line 2 is not a metrics record"):
+    with pytest.raises(TeskdError, match="line 2 is not an epoch record"):
         log.read()
 
 

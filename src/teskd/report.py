@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from teskd.engine.metrics import MetricsLog
 from teskd.engine.rundir import METRICS, SUMMARY, RunDir
 from teskd.errors import TeskdError
 
@@ -51,24 +52,8 @@ def _is_record(r) -> bool:
 def read_metrics(run: RunDir, notes: list[str]) -> list[dict]:
     """The epoch records; a torn last line is dropped with a note, any other bad line is a TeskdError."""
     path = run.metrics
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TeskdError(f"cannot read {path} ({_one_line(exc)})") from exc
-    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
-    records = []
-    for number, line in numbered:
-        try:
-            record = json.loads(line)
-            if not _is_record(record):
-                raise ValueError("not an object with an integer epoch and a numeric test_acc.teacher")
-        except ValueError as exc:
-            if number == numbered[-1][0]:  # torn by a kill while it was being written
-                notes.append(f"ignored the incomplete last line ({number}) of {path}")
-                break
-            raise TeskdError(f"{path} line {number} is not an epoch record ({_one_line(exc)}); "
-                             f"the file is damaged or was edited") from exc
-        records.append(record)
+    records = MetricsLog(path).read(
+        check=_is_record, on_torn=lambda n: notes.append(f"ignored the incomplete last line ({n}) of {path}"))
     if not records:
         raise TeskdError(f"{path} holds no finished epoch (the run has not finished its first epoch, "
                          f"or the file was emptied)")

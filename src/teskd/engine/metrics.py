@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,30 +35,36 @@ class MetricsLog:
     def append(self, record: dict) -> None:
         fileio.append_line(self.path, json.dumps(record))
 
-    def read(self, warn: bool = True) -> list[dict]:
+    def read(self, check: Callable[[dict], bool] | None = None,
+             on_torn: Callable[[int], None] | None = None) -> list[dict]:
+        """The epoch records. ``check``: a stricter test of each record; ``on_torn(line)``: told about a
+        torn last line, which is dropped (default: a logged warning). Any other bad line is a TeskdError."""
         if not self.path.exists():
             return []
         try:
             lines = self.path.read_text().splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise TeskdError(f"cannot read {self.path}: {' '.join(str(exc).split())[:200]}") from exc
+        numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
         records = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+        for number, line in numbered:
             try:
                 record = json.loads(line)
                 if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
-                    raise ValueError("not an epoch record")
+                    raise ValueError("not an object with an integer epoch")
+                if check is not None and not check(record):
+                    raise ValueError("not a complete epoch record")
             except ValueError as exc:
-                if number == len(lines):  # torn by a kill while it was being written: that epoch is redone
-                    if warn:
-                        log.warning(f"warning: ignoring the incomplete last line of {self.path}")
+                if number == numbered[-1][0]:  # torn by a kill while it was being written: that epoch is redone
+                    (on_torn or self._warn_torn)(number)
                     break
-                raise TeskdError(f"{self.path} line {number} is not a metrics record ({exc}); "
-                                 f"the file was edited or damaged") from exc
+                raise TeskdError(f"{self.path} line {number} is not an epoch record ({exc}); "
+                                 f"the file is damaged or was edited") from exc
             records.append(record)
         return records
+
+    def _warn_torn(self, number: int) -> None:
+        log.warning(f"warning: ignoring the incomplete last line ({number}) of {self.path}")
 
     def reset(self) -> None:
         fileio.atomic_write_text(self.path, "")

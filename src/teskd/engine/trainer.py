@@ -231,9 +231,7 @@ class Trainer:
                         bar.close()
                         raise Interrupted(self.stop_signal or "SIGTERM", epoch, done, self.run_dir)
         bar.close()
-        self._data_wait = batches.seconds
-        bar.close()
-        return self._epoch_record(epoch, lr, meters, p, t0)
+        return self._epoch_record(epoch, lr, meters, p, t0, batches.seconds)
 
     # --- pieces of the epoch ---------------------------------------------------------------
 
@@ -289,7 +287,8 @@ class Trainer:
                          f"(global step {epoch * len(self.data.train) + step}): loss={float(loss)} {desc}; "
                          f"stopped, the last good checkpoint is {self.ckpt_dir / 'last.pt'}")
 
-    def _epoch_record(self, epoch: int, lr: float, meters: EpochMeters, p: EpochProgress, t0: float) -> dict:
+    def _epoch_record(self, epoch: int, lr: float, meters: EpochMeters, p: EpochProgress, t0: float,
+                      data_wait: float) -> dict:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -297,7 +296,7 @@ class Trainer:
         self.train_images += meters.seen - p.seen
         record = {"epoch": epoch + 1, "lr": lr, **meters.record(), "epoch_seconds": seconds}
         record["train_images_per_sec"] = (meters.seen - p.seen) * self.world / max(seconds - p.seconds, 1e-9)
-        record["data_wait_share"] = self._data_wait / max(seconds - p.seconds, 1e-9)  # time waiting for batches
+        record["data_wait_share"] = data_wait / max(seconds - p.seconds, 1e-9)  # time waiting for batches
         return record
 
     def evaluate_epoch(self) -> dict:

@@ -24,7 +24,12 @@ from teskd.models.registry import register_backbone
 
 
 class CifarResNet(Backbone):
-    """ResNet with the CIFAR stem; stages T1..T4 at reductions 1, 2, 4, 8."""
+    """ResNet with the CIFAR stem; stages T1..T4 at reductions 1, 2, 4, 8.
+
+    The stem is the one thing the ImageNet ResNets change (``stem_conv``, ``stem_reduction``).
+    """
+
+    stem_reduction = 1
 
     def __init__(
         self,
@@ -35,11 +40,16 @@ class CifarResNet(Backbone):
     ):
         super().__init__()
         stem_ch = scale_channels(64, width_mult)
-        self.conv1 = conv3x3(3, stem_ch)
+        self.conv1 = self.stem_conv(stem_ch)
         self.bn1 = nn.BatchNorm2d(stem_ch)
         self.relu = nn.ReLU(inplace=True)
-        out_ch = add_resnet_stages(self, stem_ch, num_blocks, block, width_mult, expansion=block.expansion)
+        out_ch = add_resnet_stages(self, stem_ch, num_blocks, block, width_mult, expansion=block.expansion,
+                                   stem_reduction=self.stem_reduction)
         self.fc = nn.Linear(out_ch, num_classes)
+
+    @staticmethod
+    def stem_conv(channels: int) -> nn.Module:
+        return conv3x3(3, channels)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(self.conv1(x)))

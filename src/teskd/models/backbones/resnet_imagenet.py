@@ -30,9 +30,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from teskd.models.backbones._layers import BasicBlock, Bottleneck, add_resnet_stages, scale_channels
-from teskd.models.backbones.base import Backbone
-from teskd.models.backbones.resnet import register_resnets
+from teskd.models.backbones._layers import BasicBlock, Bottleneck
+from teskd.models.backbones.resnet import CifarResNet, register_resnets
 
 STEM_REDUCTION = 4  # stride-2 conv, then stride-2 max-pool
 
@@ -47,8 +46,10 @@ def init_torchvision_resnet(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class ImageNetResNet(Backbone):
+class ImageNetResNet(CifarResNet):
     """ResNet with the ImageNet stem; stages T1..T4 at reductions 4, 8, 16, 32."""
+
+    stem_reduction = STEM_REDUCTION
 
     def __init__(
         self,
@@ -57,16 +58,13 @@ class ImageNetResNet(Backbone):
         num_classes: int,
         width_mult: float = 1.0,
     ):
-        super().__init__()
-        stem_ch = scale_channels(64, width_mult)
-        self.conv1 = nn.Conv2d(3, stem_ch, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem_ch)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        out_ch = add_resnet_stages(self, stem_ch, num_blocks, block, width_mult, expansion=block.expansion,
-                                   stem_reduction=STEM_REDUCTION)
-        self.fc = nn.Linear(out_ch, num_classes)
+        super().__init__(block, num_blocks, num_classes, width_mult)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)  # no parameters: state dict unchanged
         init_torchvision_resnet(self)
+
+    @staticmethod
+    def stem_conv(channels: int) -> nn.Module:
+        return nn.Conv2d(3, channels, kernel_size=7, stride=2, padding=3, bias=False)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
