@@ -14,12 +14,7 @@ import yaml
 
 from teskd.engine.metrics import MetricsLog
 from teskd.engine.rundir import METRICS, SUMMARY, RunDir
-from teskd.errors import TeskdError
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:200]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+from teskd.errors import TeskdError, one_line
 
 
 def _run_dir(path: Path) -> RunDir:
@@ -37,7 +32,7 @@ def read_summary(run: RunDir) -> dict:
     try:
         summary = json.loads(run.summary.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise TeskdError(f"{run.summary} is empty or not valid JSON ({_one_line(exc)})") from exc
+        raise TeskdError(f"{run.summary} is empty or not valid JSON ({one_line(exc, 200)})") from exc
     keys = ("method", "epochs", "teacher_top1_last", "teacher_top1_best", "selected_on")  # what the table needs
     if not isinstance(summary, dict) or not all(k in summary for k in keys):
         raise TeskdError(f"{run.summary} is not a JSON object with {', '.join(keys)}")
@@ -239,5 +234,5 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=110, format="png")
     except OSError as exc:
-        raise TeskdError(f"cannot write the plot {out} ({_one_line(exc)})") from exc
+        raise TeskdError(f"cannot write the plot {out} ({one_line(exc, 200)})") from exc
     return out

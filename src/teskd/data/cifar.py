@@ -23,7 +23,7 @@ import torch
 
 from teskd.data.arrays import ImageArrays
 from teskd.data.registry import DatasetSpec, register_dataset
-from teskd.errors import TeskdError
+from teskd.errors import TeskdError, one_line
 
 # Official archives; module-level so tests can point them at a local file:// archive. TESKD_<NAME>_URL
 # names a mirror and TESKD_<NAME>_MD5 replaces the digest (see _archive_url, _archive_md5).
@@ -63,20 +63,15 @@ _READ_ERRORS = (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, ValueError
 _IMAGE_SIZE = 32
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
 @contextlib.contextmanager
 def _reading(path: Path):
     """Turns the errors of reading a damaged file (or running out of memory) into a TeskdError."""
     try:
         yield
     except MemoryError as err:
-        raise TeskdError(f"cannot read {path}: not enough memory to load it ({_one_line(err)})") from err
+        raise TeskdError(f"cannot read {path}: not enough memory to load it ({one_line(err)})") from err
     except _READ_ERRORS as err:
-        raise TeskdError(f"cannot read {path}: the file is corrupt or truncated ({_one_line(err)})") from err
+        raise TeskdError(f"cannot read {path}: the file is corrupt or truncated ({one_line(err)})") from err
 
 
 def _format(name: str) -> _Format:
@@ -258,7 +253,7 @@ def _read_pickles(fmt: _Format, folder: Path, train: bool) -> tuple[np.ndarray, 
     try:
         classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     except (TypeError, UnicodeDecodeError) as err:
-        raise TeskdError(f"{meta_path}: cannot read the class names ({_one_line(err)})") from err
+        raise TeskdError(f"{meta_path}: cannot read the class names ({one_line(err)})") from err
     x = images[0] if len(images) == 1 else np.concatenate(images)  # no copy of CIFAR-100's single file
     y = labels[0] if len(labels) == 1 else np.concatenate(labels)
     return x, y, classes
@@ -279,7 +274,7 @@ def _fetch(url: str, md5: str, archive: Path) -> None:
     except BaseException as err:
         archive.unlink(missing_ok=True)
         if isinstance(err, (OSError, ValueError)):  # urllib.error.URLError is an OSError
-            raise TeskdError(f"could not download {url} ({_one_line(err)}); download it by hand and extract it "
+            raise TeskdError(f"could not download {url} ({one_line(err)}); download it by hand and extract it "
                              f"into {archive.parent}") from err
         raise
     got = calculate_md5(archive)
@@ -313,7 +308,7 @@ def _safe_extract(archive: Path, dest: Path) -> None:
                 _check_member(archive, dest, member)
             tar.extractall(dest, members=members, **_DATA_FILTER)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        raise TeskdError(f"cannot extract {archive}: the archive is corrupt or truncated ({_one_line(err)}); "
+        raise TeskdError(f"cannot extract {archive}: the archive is corrupt or truncated ({one_line(err)}); "
                          f"delete it and download again") from err
 
 
@@ -340,7 +335,7 @@ def download_cifar(name: str, root: str | os.PathLike) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise TeskdError(f"cannot create the data folder {root} ({_one_line(err)})") from err
+        raise TeskdError(f"cannot create the data folder {root} ({one_line(err)})") from err
     archive_name = Path(urllib.parse.urlparse(url).path).name
     if archive_name in ("", ".", ".."):  # a mirror URL without a file name
         archive_name = Path(urllib.parse.urlparse(URLS[name]).path).name
