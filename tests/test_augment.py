@@ -262,3 +262,43 @@ def test_len_and_batch_sizes():
     assert len(InMemoryLoader(arrays, 20, shuffle=False, drop_last=True, transform=UNIT, device="cpu")) == 0
     with pytest.raises(TeskdError, match="batch size"):
         InMemoryLoader(arrays, 0, shuffle=False, drop_last=False, transform=UNIT, device="cpu")
+
+
+def test_extras_are_off_by_default_and_leave_the_crop_and_flip_stream_unchanged():
+    from teskd.data.augment import BatchAugment
+
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    plain = BatchAugment((0.5,) * 3, (0.25,) * 3)
+    assert not plain.autoaugment and plain.cutout == 0
+    with_cutout = BatchAugment((0.5,) * 3, (0.25,) * 3, cutout=8)
+    a = plain(x, torch.Generator().manual_seed(4))
+    b = with_cutout(x, torch.Generator().manual_seed(4))
+    zeroed = b == 0
+    # cutout only zeroes pixels (all channels of a square), the rest is the plain batch
+    assert torch.equal(a[~zeroed], b[~zeroed])
+    per_image = zeroed.all(dim=1).flatten(1).sum(1)
+    assert per_image.max() <= 64 and per_image.min() >= 16  # an 8x8 square, at least a 4x4 corner of it
+
+
+def test_cutout_mask_by_hand():
+    from teskd.data.augment import cutout_mask
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randint(0, 10, (2, 3), generator=torch.Generator().manual_seed(0))
+    mask = cutout_mask(3, 10, 4, g)
+    for i in range(3):
+        y, x = centres[0, i].item(), centres[1, i].item()
+        expect = torch.ones(10, 10)
+        expect[max(y - 2, 0):min(y + 2, 10), max(x - 2, 0):min(x + 2, 10)] = 0
+        assert torch.equal(mask[i, 0], expect)
+
+
+def test_autoaugment_is_seeded_per_batch():
+    from teskd.data.augment import BatchAugment
+
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    aug = BatchAugment((0.5,) * 3, (0.25,) * 3, autoaugment=True)
+    first = aug(x, torch.Generator().manual_seed(1))
+    assert torch.equal(first, aug(x, torch.Generator().manual_seed(1)))
+    plain = BatchAugment((0.5,) * 3, (0.25,) * 3)(x, torch.Generator().manual_seed(1))
+    assert not torch.equal(first, plain)

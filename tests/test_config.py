@@ -52,7 +52,8 @@ def test_yaml_exponent_without_dot_reads_as_float(tmp_path):
     ("train.epochs=0", "train.epochs must be >= 1, got 0"),
     ("optim.lr=-0.1", "optim.lr must be > 0 and <= 1000, got -0.1"),
     ("method.levels=[4]", "method.levels must be distinct student levels among [1, 2, 3], got [4]"),
-    ("method.name=nope", "unknown method.name 'nope'; known methods: ce, teskd"),
+    ("method.name=nope", "unknown method.name 'nope'; known methods: byot, ce, cskd, dks, dml, frskd, kd, "
+                          "label_smoothing, okddip, one, pskd, teskd"),
     ("schedule.name=poly", "schedule.name must be 'step' or 'cosine'"),
     ("method.branch_ce_weights={student9: 1.0}", "unknown branch 'student9'"),
     ("train", "is not of the form key=value"),

@@ -213,3 +213,180 @@ def test_summary_table_raises_teskd_error(tmp_path):
 
     with pytest.raises(TeskdError, match="no such run directory"):
         summary_table([tmp_path / "absent"])
+
+
+# --- groups of seeds: --format table | markdown | csv | json ---------------------------------------------
+
+def grouped_run(path, method, accs, seed, *overrides, finished=True, macs=None):
+    """A run folder as training writes it: the full resolved config.yaml of a repository config."""
+    from teskd.config import load_config, to_dict
+
+    from conftest import REPO
+
+    cfg = to_dict(load_config(REPO / "configs" / "cifar100" / f"resnet18_{method}.yaml",
+                              ["model.width_mult=0.125", f"train.epochs={len(accs)}", f"train.seed={seed}",
+                               f"data.root=/data/{seed}", f"train.threads={seed + 1}", *overrides]))
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    records = records_for(method, accs)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if finished:
+        best = max(range(len(accs)), key=lambda i: records[i]["val_acc"]["teacher"])
+        summary = {"method": method, "arch": "resnet18", "dataset": "cifar100", "epochs": len(accs),
+                   "teacher_top1_last": accs[-1], "teacher_top1_best": accs[best], "selected_on": "val",
+                   "test_acc_last": records[-1]["test_acc"], "params_train": 300 if method == "teskd" else 100,
+                   "params_deploy": 100, "train_images_per_sec": 100.0 + 10 * seed,
+                   **({"macs_train": macs[0], "macs_deploy": macs[1]} if macs else {})}
+        (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+@pytest.fixture
+def seeded(tmp_path):
+    """2 seeds of CE and TESKD, 1 of TESKD with the teacher detached, 1 of TESKD at another lr."""
+    root = tmp_path / "sweep"
+    runs = [grouped_run(root / "ce-s0", "ce", [10.0, 31.0, 30.0], 0),
+            grouped_run(root / "ce-s1", "ce", [12.0, 22.0, 32.0], 1),
+            grouped_run(root / "teskd-s0", "teskd", [11.0, 25.0, 35.0], 0, macs=(3_000_000, 1_000_000)),
+            grouped_run(root / "teskd-s1", "teskd", [13.0, 27.0, 38.0], 1, macs=(3_000_000, 1_000_000)),
+            grouped_run(root / "detach-s0", "teskd", [11.0, 25.0, 33.0], 0, "method.detach_teacher=true"),
+            grouped_run(root / "lr-s0", "teskd", [9.0, 20.0, 29.0], 0, "optim.lr=0.05")]
+    return root, runs
+
+
+# (settings, n, last mean, last std, best mean, best std, delta vs CE), worked out by hand from the fixture
+EXPECTED = [
+    ("optim.lr=0.05 method.detach_teacher=false", 1, 29.0, None, 29.0, None, None),  # no CE at lr 0.05
+    ("optim.lr=0.1", 2, 31.0, 2 ** 0.5, 31.5, 0.5 ** 0.5, None),  # CE: last 30, 32; best 31, 32
+    ("optim.lr=0.1 method.detach_teacher=false", 2, 36.5, 4.5 ** 0.5, 36.5, 4.5 ** 0.5, 5.5),
+    ("optim.lr=0.1 method.detach_teacher=true", 1, 33.0, None, 33.0, None, 2.0),
+]
+
+
+def test_groups_json_has_hand_computed_statistics(seeded, capsys):
+    root, runs = seeded
+    code, out, err = report(capsys, *runs, "--format", "json")
+    assert code == 0, err
+    groups = json.loads(out)
+    assert [(g["method"], g["settings"]) for g in groups] == [("teskd", EXPECTED[0][0]), ("ce", EXPECTED[1][0]),
+                                                              ("teskd", EXPECTED[2][0]), ("teskd", EXPECTED[3][0])]
+    for g, (settings, n, last, last_std, best, best_std, delta) in zip(groups, EXPECTED):
+        assert (g["dataset"], g["arch"], g["width_mult"]) == ("cifar100", "resnet18", 0.125)
+        assert g["n"] == n and g["top1_last_mean"] == pytest.approx(last) and g["top1_best_mean"] == pytest.approx(best)
+        for got, want in ((g["top1_last_std"], last_std), (g["top1_best_std"], best_std), (g["delta_vs_ce"], delta)):
+            assert got == (None if want is None else pytest.approx(want))
+    ce, teskd = groups[1], groups[2]
+    assert ce["seeds"] == [0, 1] and ce["run_dirs"] == [str(runs[0]), str(runs[1])]
+    assert [r["top1_last"] for r in ce["runs"]] == [30.0, 32.0] and [r["top1_best"] for r in ce["runs"]] == [31.0, 32.0]
+    assert ce["settings_dict"] == {"optim.lr": 0.1} and ce["epochs"] == "3/3" and ce["unfinished"] == 0
+    assert teskd["test_acc_last_mean"]["student1"] == pytest.approx(36.5 - 2)
+    assert teskd["train_images_per_sec"] == pytest.approx(105.0)
+    assert (teskd["params_train"], teskd["params_deploy"]) == (300, 100)
+    assert (teskd["macs_train"], teskd["macs_deploy"]) == (3_000_000, 1_000_000) and ce["macs_train"] is None
+    # the seed, data.root and train.threads differ between the runs but are not settings
+    assert not any(k in out for k in ("train.seed=", "data.root=", "train.threads="))
+
+
+def test_groups_csv_and_markdown_parse_back(seeded, capsys):
+    import csv
+
+    root, runs = seeded
+    code, out, _ = report(capsys, *runs, "--format", "csv")
+    rows = list(csv.DictReader(out.splitlines()))
+    assert code == 0 and len(rows) == 4
+    assert list(rows[0])[:6] == ["dataset", "arch", "width_mult", "method", "settings", "n"]
+    assert "last_student1" in rows[0] and "macs_train" in rows[0]
+    for row, (settings, n, last, last_std, best, best_std, delta) in zip(rows, EXPECTED):
+        assert row["settings"] == settings and int(row["n"]) == n
+        assert float(row["top1_last_mean"]) == pytest.approx(last)
+        assert float(row["top1_best_mean"]) == pytest.approx(best)
+        for key, want in (("top1_last_std", last_std), ("top1_best_std", best_std), ("delta_vs_ce", delta)):
+            assert (row[key] == "") if want is None else float(row[key]) == pytest.approx(want)
+    assert rows[2]["macs_train"] == "3000000" and rows[1]["macs_train"] == ""
+
+    code, out, _ = report(capsys, root, "--format", "markdown")  # the folder holding the runs
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    cells = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in table[2:]]
+    assert code == 0 and set(table[1].replace("|", "").split()) <= {"---", "---:"} and len(cells) == 4
+    for cell, (settings, n, last, last_std, best, best_std, delta) in zip(cells, EXPECTED):
+        assert cell["settings"] == settings and cell["n"] == str(n)
+        assert cell["top-1 last"] == f"{last:.2f} ± " + ("—" if last_std is None else f"{last_std:.2f}")
+        assert cell["top-1 best"] == f"{best:.2f} ± " + ("—" if best_std is None else f"{best_std:.2f}")
+        assert cell["Δ vs CE"] == ("—" if delta is None else f"{delta:+.2f}")
+    assert cells[2]["MACs train"] == "3.0M" and cells[1]["MACs train"] == "not measured"
+
+
+def test_table_shows_runs_then_groups(seeded, capsys):
+    root, runs = seeded
+    code, out, _ = report(capsys, *runs)
+    assert code == 0
+    assert row_of(out, "ce-s0")[:5] == ["ce-s0", "ce", "3", "30.00", "31.00"]  # the per-run table, first
+    groups = out[out.index("groups ("):]
+    line = next(g for g in groups.splitlines() if "method.detach_teacher=false" in g and "optim.lr=0.1" in g)
+    assert "36.50 ± 2.12" in line and "+5.50" in line and "3.0M" in line
+    ce = next(g for g in groups.splitlines() if g.split()[:4] == ["cifar100", "resnet18", "0.125", "ce"])
+    assert "31.00 ± 1.41" in ce and "31.50 ± 0.71" in ce and "not measured" in ce
+
+
+def test_folder_of_runs_and_unfinished_seed(seeded, capsys, tmp_path):
+    root, runs = seeded
+    grouped_run(root / "ce-s2", "ce", [14.0, 20.0], 2, "train.epochs=3", finished=False)  # 2 of 3 epochs
+    waiting = root / "ce-s3"  # a run that has not finished an epoch: left out, with a note
+    waiting.mkdir()
+    (waiting / "config.yaml").write_text((runs[0] / "config.yaml").read_text())
+    (waiting / "metrics.jsonl").write_text("")
+    (root / "notes").mkdir()  # not a run: ignored
+    code, out, err = report(capsys, tmp_path, "--format", "json")  # two levels above the runs
+    assert code == 0, err
+    ce = next(g for g in json.loads(out) if g["method"] == "ce")
+    assert ce["n"] == 3 and ce["seeds"] == [0, 1, 2] and ce["epochs"] == "3/3,3/3,2/3*" and ce["unfinished"] == 1
+    assert ce["top1_last_mean"] == pytest.approx((30 + 32 + 20) / 3)
+    assert f"note: left out {waiting}: it has not finished an epoch yet" in err  # stderr: stdout stays JSON
+    code, out, _ = report(capsys, root)
+    assert code == 0 and "*: unfinished run" in out and "2/3 unfinished" in out
+
+
+def test_folder_without_runs_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    code, _, err = report(capsys, tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{tmp_path} is not a teskd run directory" in err and "one or two levels below" in err
+
+
+def test_group_plot_is_written(seeded, capsys, tmp_path):
+    from matplotlib.image import imread
+
+    root, runs = seeded
+    png = tmp_path / "groups.png"
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    code, out, _ = report(capsys, root, "--format", "csv", "--plot", png)
+    assert code == 0 and png.stat().st_size > 10_000
+    image = imread(png)
+    assert image.shape[0] > 600 and image.shape[1] > 1200 and image[..., :3].std() > 0.05
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before  # the report never writes into runs
+
+
+def test_group_figure_panels(seeded):
+    from teskd.report import draw_report, group_curves, group_runs, read_run
+
+    root, runs = seeded
+    groups = group_runs([read_run(r, []) for r in runs])
+    curves = group_curves(groups)
+    ce = curves[1]  # (10, 12), (31, 22), (30, 32)
+    assert ce.epochs == [1, 2, 3] and ce.mean == [11.0, 26.5, 31.0]
+    assert ce.low == [10.0, 22.0, 30.0] and ce.high == [12.0, 31.0, 32.0]
+    fig = draw_report(groups)
+    a, b = fig.axes[:2]
+    assert [t.get_text() for t in b.get_yticklabels()][1].startswith("[2] ce optim.lr=0.1 (n=2)")
+    assert [round(p.get_width(), 6) for p in b.patches] == [29.0, 31.0, 36.5, 33.0]
+    assert len(a.collections) == 4  # a min-max band per group
+
+
+def test_folder_whose_runs_have_not_finished_an_epoch(tmp_path, capsys):
+    run = tmp_path / "sweep" / "ce-s0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("method: {name: ce}\n")
+    code, _, err = report(capsys, tmp_path / "sweep")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"no run in {tmp_path / 'sweep'} has finished an epoch yet" in err

@@ -1,4 +1,4 @@
-"""Command line: ``teskd train | eval | info | import-official | report | bench``."""
+"""Command line: ``teskd train | eval | info | import-official | report | sweep | bench``."""
 
 from __future__ import annotations
 
@@ -131,13 +131,25 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from teskd.report import plot_runs, summary_table
+    from teskd.report import find_runs, format_report, plot_runs
 
-    runs = [Path(p) for p in args.runs]
-    print(summary_table(runs), flush=True)
+    notes: list[str] = []
+    runs = find_runs([Path(p) for p in args.runs], notes)  # run folders, or folders of run folders
+    text, extra = format_report(runs, args.format, notes)
+    print(text, flush=True)
+    side = sys.stdout if args.format in ("table", "markdown") else sys.stderr  # csv/json: stdout stays parseable
+    for note in extra:
+        print(f"note: {note}", file=side)
     if args.plot:  # a path without .png gets it appended: the line says the file actually written
-        print(f"curves: {plot_runs(runs, Path(args.plot))}")
+        print(f"curves: {plot_runs(runs, Path(args.plot))}", file=side)
     return 0
+
+
+def _cmd_sweep(args) -> int:
+    from teskd.sweep import sweep_command
+
+    return sweep_command(Path(args.file), only=args.only, dry_run=args.dry_run, list_only=args.list,
+                         collect_to=Path(args.collect) if args.collect else None, run=not args.no_run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,11 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("report", help="compare runs in a table (unfinished ones from their metrics)")
-    p.add_argument("runs", nargs="+", help="run directories")
+    p = sub.add_parser("report", help="compare runs and groups of seeds (unfinished runs from their metrics)")
+    p.add_argument("runs", nargs="+", help="run directories, or folders holding run directories (1-2 levels down)")
+    p.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table",
+                   help="table (default): the runs, then the groups; markdown/csv/json: the groups")
     p.add_argument("--plot", metavar="PNG",
-                   help="also draw the runs' curves into PNG (.png is appended if missing; the path is printed)")
+                   help="also draw the groups' and runs' curves into PNG (.png is appended if missing; the path "
+                        "is printed)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("sweep", help="train a grid of runs (variants x grid x seeds) from a sweep YAML file")
+    p.add_argument("file", help="the sweep file (see README: Sweeps)")
+    p.add_argument("--only", metavar="PATTERN", help="only the runs whose name matches PATTERN (fnmatch: *, ?)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each run's status and its teskd train command; run nothing")
+    p.add_argument("--list", action="store_true", help="print the run names only")
+    p.add_argument("--collect", metavar="DIR",
+                   help="then copy each run's config.yaml, metrics.jsonl and summary.json into DIR/<run name>/")
+    p.add_argument("--no-run", action="store_true", help="with --collect: only collect, train nothing")
+    p.set_defaults(func=_cmd_sweep)
     return parser
 
 

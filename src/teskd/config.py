@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import yaml
 
@@ -35,6 +35,11 @@ class DataConfig:
     eval_batch_size: int = 100  # small batches are faster on CPUs (cache); raise it on a GPU
     crop_padding: int = 4
     hflip: bool = True
+    # extra augmentations, off by default (some baselines' official codes switch them on silently):
+    # AutoAugment's learned policy (CIFAR-10 policy for in-memory data, ImageNet's for image folders),
+    # and Cutout (DeVries & Taylor: a random LxL square zeroed after normalisation; in-memory data only)
+    autoaugment: bool = False
+    cutout: int = 0
     # image folders (imagenet, imagefolder): training crop / evaluation centre crop, and the resize before it;
     # null: the dataset's own size (32 for CIFAR, 224 and 256 for image folders)
     image_size: int | None = None
@@ -85,6 +90,10 @@ class TrainConfig:
 @dataclass
 class MethodParams:
     """Base of every method's parameters; ``name`` selects the method."""
+
+    # fields holding file paths: stored absolute in a run's config.yaml, as data.root is, so that resume and
+    # eval work from any directory
+    path_fields: ClassVar[tuple[str, ...]] = ()
 
     name: str = "teskd"
 

@@ -223,6 +223,7 @@ def model_info(cfg: Config) -> dict:
     from dataclasses import fields, replace
 
     from teskd.build import build_model
+    from teskd.engine.summary import trained_params
     from teskd.models import count_macs, count_params
 
     reference_cfg = cfg
@@ -238,7 +239,7 @@ def model_info(cfg: Config) -> dict:
         "arch": cfg.model.arch,
         "method": cfg.method.name,
         "num_classes": class_count(cfg.data),
-        "params_train": count_params(method),
+        "params_train": trained_params(method),  # frozen networks (KD's teacher) excluded
         "params_deploy": count_params(method.deploy_module),
         "macs_train": count_macs(reference, shape, forward=forward),
         "macs_deploy": count_macs(method.deploy_module, shape),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -30,3 +32,16 @@ def masked_feature_l2(student_feature: torch.Tensor, teacher_feature: torch.Tens
     f_t = teacher_feature.detach().float().flatten(1)
     mask = ((f_s > 0) | (f_t > 0)).to(f_s.dtype)
     return ((f_s - f_t).pow(2) * mask).sum()
+
+
+def sigmoid_ramp(epoch: int | float, ramp_epochs: int | float) -> float:
+    """``exp(-5 (1 - min(epoch, R)/R)^2)`` at the 0-based ``epoch`` (R = ``ramp_epochs``; 1.0 when R <= 0).
+
+    Laine & Aila's sigmoid-shaped ramp-up of a distillation weight. ONE (``utils/ramps.py``) and OKDDip
+    (``train_GL.py``) evaluate it once per epoch, before its first step, at the 0-based epoch, with R = 80:
+    exp(-5) ~ 0.0067 in the first epoch, 1 from epoch R on; not per step.
+    """
+    if ramp_epochs <= 0:
+        return 1.0
+    phase = 1.0 - min(max(float(epoch), 0.0), float(ramp_epochs)) / float(ramp_epochs)
+    return math.exp(-5.0 * phase * phase)

@@ -44,7 +44,7 @@ class BatchAugment:
     uses_generator = True
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], crop: int = 32, padding: int = 4,
-                 flip: bool = True):
+                 flip: bool = True, autoaugment: bool = False, cutout: int = 0):
         if crop < 1:
             raise TeskdError(f"crop size must be >= 1, got {crop}")
         if padding < 0:
@@ -56,10 +56,13 @@ class BatchAugment:
         self.crop = int(crop)
         self.padding = int(padding)
         self.flip = bool(flip)
+        if cutout < 0:
+            raise TeskdError(f"cutout size must be >= 0, got {cutout}")
+        self.autoaugment, self.cutout = bool(autoaugment), int(cutout)
 
     def __repr__(self) -> str:
         return (f"BatchAugment(mean={self.mean}, std={self.std}, crop={self.crop}, "
-                f"padding={self.padding}, flip={self.flip})")
+                f"padding={self.padding}, flip={self.flip}, autoaugment={self.autoaugment}, cutout={self.cutout})")
 
     def draw(self, batch: int, height: int, width: int, generator: torch.Generator):
         """The random choices for a batch, on the CPU: crop tops, crop lefts (in padded
@@ -80,6 +83,11 @@ class BatchAugment:
     def apply(self, x_uint8: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor,
               flips: torch.Tensor) -> torch.Tensor:
         """Crops/flips the uint8 batch with the given choices, then normalises it."""
+        return normalize(self.crop_flip(x_uint8, tops, lefts, flips), self.mean, self.std)
+
+    def crop_flip(self, x_uint8: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor,
+                  flips: torch.Tensor) -> torch.Tensor:
+        """The uint8 batch cropped and flipped with the given choices."""
         if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4 or x_uint8.shape[1] != 3:
             raise TeskdError(f"BatchAugment expects uint8 images of shape (B, 3, H, W), "
                              f"got {x_uint8.dtype} {tuple(x_uint8.shape)}")
@@ -99,7 +107,7 @@ class BatchAugment:
         chans = torch.arange(3, device=device)
         out = padded[batch[:, None, None, None], chans[None, :, None, None],
                      rows[:, None, :, None], cols[:, None, None, :]]
-        return normalize(out, self.mean, self.std)
+        return out
 
     def __call__(self, x_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """``x_uint8`` (B, 3, H, W) on any device -> float32 (B, 3, crop, crop) on that device.
@@ -110,4 +118,38 @@ class BatchAugment:
             raise TeskdError(f"BatchAugment expects a batch (B, 3, H, W), got shape {tuple(x_uint8.shape)}")
         b, _, h, w = x_uint8.shape
         tops, lefts, flips = self.draw(b, h, w, generator)
-        return self.apply(x_uint8, tops, lefts, flips)
+        if not (self.autoaugment or self.cutout):
+            return self.apply(x_uint8, tops, lefts, flips)
+        # the extras draw after the crop and flip choices, so those stay the same with or without them
+        out = self.crop_flip(x_uint8, tops, lefts, flips)
+        if self.autoaugment:
+            out = auto_augment(out, generator)
+        out = normalize(out, self.mean, self.std)
+        if self.cutout:
+            out = out * cutout_mask(b, self.crop, self.cutout, generator).to(out.device)
+        return out
+
+
+def auto_augment(x_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """torchvision's AutoAugment (CIFAR-10 policy) per image, each under a seed drawn from ``generator``."""
+    from torchvision.transforms import v2
+
+    policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+    seeds = torch.randint(0, 2**62, (x_uint8.shape[0],), generator=generator)
+    out = torch.empty_like(x_uint8)
+    for i, seed in enumerate(seeds.tolist()):
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
+            torch.manual_seed(seed)
+            out[i] = policy(x_uint8[i])
+    return out
+
+
+def cutout_mask(batch: int, size: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, 1, size, size) float masks, 0 on a ``length`` square centred anywhere in the image (clipped at the
+    border, as DeVries & Taylor's Cutout), 1 elsewhere."""
+    centres = torch.randint(0, size, (2, batch), generator=generator)
+    lo, hi = (centres - length // 2).clamp(0, size), (centres + length // 2).clamp(0, size)
+    pos = torch.arange(size)
+    inside_rows = (pos >= lo[0][:, None]) & (pos < hi[0][:, None])  # (B, size)
+    inside_cols = (pos >= lo[1][:, None]) & (pos < hi[1][:, None])
+    return (~(inside_rows[:, :, None] & inside_cols[:, None, :])).float()[:, None]

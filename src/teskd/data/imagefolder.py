@@ -144,6 +144,11 @@ class FolderImages(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    @property
+    def labels(self) -> torch.Tensor:
+        """Every sample's class, without reading an image (for same-class pairing)."""
+        return torch.as_tensor(np.asarray(self.files.labels), dtype=torch.int64)
+
     def __getitem__(self, index: int):
         path, label = self.files.path(index), int(self.files.labels[index])
         try:
@@ -163,11 +168,12 @@ def image_sizes(cfg: DataConfig, spec: DatasetSpec) -> tuple[int, int]:
     return size, resize
 
 
-def train_transform(size: int, hflip: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def train_transform(size: int, hflip: bool, autoaugment: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     from torchvision.transforms import v2
 
     flip = [v2.RandomHorizontalFlip()] if hflip else []
-    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), *flip])
+    auto = [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)] if autoaugment else []
+    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), *flip, *auto])
 
 
 def eval_transform(size: int, resize: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -184,7 +190,7 @@ def _loader(files: ImageFiles | None, training: bool, cfg: DataConfig, spec: Dat
     return TorchLoader(
         FolderImages(files), cfg.batch_size if training else cfg.eval_batch_size, shuffle=training,
         drop_last=False, device=device,
-        transform=train_transform(size, cfg.hflip) if training else eval_transform(size, resize),
+        transform=train_transform(size, cfg.hflip, cfg.autoaugment) if training else eval_transform(size, resize),
         device_transform=partial(normalize, mean=spec.mean, std=spec.std), seed=seed, rank=rank,
         world_size=world_size, num_workers=cfg.workers, persistent_workers=True, prefetch_factor=_PREFETCH,
         on_bad_sample=cfg.on_bad_image)
@@ -195,6 +201,9 @@ def build_folder_splits(cfg: DataConfig, splits: Collection[str], root: Path, *,
     """The ``build_splits`` of an image-folder dataset (see :class:`DatasetSpec`)."""
     spec = get_dataset_spec(cfg.dataset)
     image_sizes(cfg, spec)  # a bad size is reported before the (slow) listing
+    if cfg.cutout:
+        raise TeskdError(f"data.cutout is implemented for in-memory datasets (CIFAR), not for {cfg.dataset}; "
+                         f"set data.cutout=0")
     classes = find_image_classes(root, cfg.dataset, spec.num_classes, cfg)
     read = lambda train: list_images(root, "train" if train else "val", classes, cfg.dataset)  # noqa: E731
     train, val, test = select_splits(cfg, splits, root, read, len(classes))

@@ -63,6 +63,30 @@ class ShardedEpochs:
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.epoch = 0
+        self._classes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # same-class pairing
+
+    def pair_same_class(self, labels: torch.Tensor) -> None:
+        """From now on each batch of B samples is followed by B partners: for sample i (at i + B), a random
+        sample of the same class, possibly itself (CS-KD's pair sampler). ``labels``: every sample's class."""
+        labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
+        if labels.shape != (self.size,):
+            raise TeskdError(f"pairing needs one label per sample ({self.size}), got shape {tuple(labels.shape)}")
+        members = torch.argsort(labels, stable=True)  # sample indices grouped by class
+        counts = torch.bincount(labels, minlength=int(labels.max()) + 1 if len(labels) else 0)
+        starts = torch.cumsum(counts, 0) - counts
+        self._classes = (labels, members, torch.stack([starts, counts]))
+
+    def batch_indices(self, order: torch.Tensor, step: int) -> torch.Tensor:
+        """The dataset indices of batch ``step`` of ``order`` (CPU), with same-class partners when pairing."""
+        index = order[step * self.batch_size:(step + 1) * self.batch_size]
+        if self._classes is None:
+            return index
+        labels, members, (starts, counts) = self._classes
+        parts = (self.seed, self.epoch, step, 0x9A1D) + ((self.rank,) if self.world_size > 1 else ())
+        draw = torch.rand(index.shape[0], generator=seeded_generator(derive_seed(*parts)), dtype=torch.float64)
+        cls = labels[index.cpu()]
+        pick = starts[cls] + (draw * counts[cls]).long().clamp_max(counts[cls] - 1)
+        return torch.cat([index, members[pick].to(index.device)])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

@@ -36,6 +36,9 @@ class InMemoryLoader(ShardedEpochs):
         self.labels = arrays.labels.to(self.device, torch.int64)
         self.transform = transform
 
+    def pair_same_class(self, labels: torch.Tensor | None = None) -> None:
+        super().pair_same_class(self.labels if labels is None else labels)
+
     def batch_generator(self, batch_index: int) -> torch.Generator:
         """The CPU generator for batch ``batch_index``'s augmentation in this epoch."""
         parts = (self.seed, self.epoch, batch_index)
@@ -48,9 +51,11 @@ class InMemoryLoader(ShardedEpochs):
         order = self.order().to(self.device)  # the whole epoch's order, drawn up front
         contiguous = not self.shuffle and self.world_size == 1  # slices instead of gathers
         random_transform = getattr(self.transform, "uses_generator", False)
+        if self._classes is not None:
+            contiguous = False
         for i in range(step, len(self)):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, order.shape[0])
-            index = order[lo:hi]
+            index = self.batch_indices(order, i)
             if contiguous:
                 images, labels = self.images[lo:hi], self.labels[lo:hi]
             else:

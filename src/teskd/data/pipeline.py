@@ -114,7 +114,8 @@ def build_data(cfg: DataConfig, device: torch.device, seed: int, rank: int = 0, 
     def loader(arrays, training: bool):
         if arrays is None:
             return None
-        transform = (BatchAugment(spec.mean, spec.std, crop=spec.image_size, padding=cfg.crop_padding, flip=cfg.hflip)
+        transform = (BatchAugment(spec.mean, spec.std, crop=spec.image_size, padding=cfg.crop_padding, flip=cfg.hflip,
+                                  autoaugment=cfg.autoaugment, cutout=cfg.cutout)
                      if training else partial(normalize, mean=spec.mean, std=spec.std))
         return InMemoryLoader(arrays, cfg.batch_size if training else cfg.eval_batch_size, shuffle=training,
                               drop_last=False, transform=transform, device=device, seed=seed, rank=rank,

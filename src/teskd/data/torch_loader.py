@@ -73,15 +73,16 @@ class _BatchKeys(Sampler):
 
     def __iter__(self):
         loader = self._loader()
-        return _keys(loader.epoch, loader.order().tolist(), loader.batch_size, self.start, len(loader))
+        return _keys(loader, loader.order(), self.start, len(loader))
 
     def __len__(self) -> int:
         return max(len(self._loader()) - self.start, 0)
 
 
-def _keys(epoch: int, order: list[int], batch_size: int, start: int, steps: int) -> Iterator[list]:
+def _keys(loader: TorchLoader, order: torch.Tensor, start: int, steps: int) -> Iterator[list]:
+    epoch = loader.epoch
     for i in range(start, steps):
-        yield [(epoch, index) for index in order[i * batch_size:(i + 1) * batch_size]]
+        yield [(epoch, index) for index in loader.batch_indices(order, i).tolist()]
 
 
 def _stop_workers(loader: DataLoader) -> None:
@@ -126,6 +127,13 @@ class TorchLoader(ShardedEpochs):
             collate_fn=_collate,
             generator=torch.Generator())  # its worker seeds (unused) are then not drawn from the global generator
         weakref.finalize(self, _stop_workers, self._loader).atexit = False  # at exit torch's own handling
+
+    def pair_same_class(self, labels: torch.Tensor | None = None) -> None:
+        if labels is None:
+            labels = getattr(self._loader.dataset.dataset, "labels", None)
+            if labels is None:
+                raise TeskdError("this dataset does not list its labels, which same-class pairing needs")
+        super().pair_same_class(labels)
 
     def iter_from(self, step: int = 0) -> Iterator[Batch]:
         self._check_start(step)

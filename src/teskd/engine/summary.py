@@ -7,7 +7,8 @@ import math
 import torch
 
 from teskd.errors import TeskdError
-from teskd.models import count_params
+from teskd.data.pipeline import input_size
+from teskd.models import count_macs, count_params
 
 
 def summarise(trainer, records: list[dict]) -> dict:
@@ -35,8 +36,7 @@ def summarise(trainer, records: list[dict]) -> dict:
         # the paper's protocol: the maximum test accuracy over epochs (optimistic; for comparison only)
         "teacher_top1_max_test": max(r["test_acc"][branch] for r in records),
         "test_acc_last": last["test_acc"],
-        "params_train": count_params(trainer.method),
-        "params_deploy": count_params(trainer.method.deploy_module),
+        **cost(trainer.method, input_size(cfg.data)),
         "train_images_per_sec": images / seconds if seconds else math.nan,
         "train_hours": seconds / 3600,
         "device": str(trainer.device),
@@ -46,3 +46,17 @@ def summarise(trainer, records: list[dict]) -> dict:
     if has_val:
         summary["teacher_val_top1_best"] = best["val_acc"][branch]
     return summary
+
+
+def cost(method, size: int) -> dict:
+    """Parameters (trained: what the optimizer updates; deployed) and MACs per image (training forward of
+    every branch, frozen networks such as KD's teacher included, vs the deployed network alone)."""
+    shape = (1, 3, size, size)
+    return {"params_train": trained_params(method), "params_deploy": count_params(method.deploy_module),
+            "macs_train": count_macs(method, shape, forward=lambda m, x: m.forward_eval(x)),
+            "macs_deploy": count_macs(method.deploy_module, shape)}
+
+
+def trained_params(method) -> int:
+    """Parameters the optimizer updates (frozen networks, such as KD's teacher, excluded)."""
+    return sum(p.numel() for group in method.param_groups() for p in group["params"])

@@ -13,7 +13,7 @@ import torch
 
 from teskd import __version__, fileio
 from teskd.build import build_model
-from teskd.config import Config, resolve_data_root, to_dict
+from teskd.config import Config, expand_path, resolve_data_root, to_dict
 from teskd.data.memory_loader import InMemoryLoader
 from teskd.data.pipeline import build_data
 from teskd.engine import distributed, runtime
@@ -44,6 +44,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False):
         cfg.data.root = str(resolve_data_root(cfg.data))  # stored absolute: the run works from any directory
+        for name in cfg.method.path_fields:
+            if getattr(cfg.method, name):
+                setattr(cfg.method, name, str(expand_path(getattr(cfg.method, name)).absolute()))
         self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
         self.rundir = RunDir(run_dir)
         self.run_dir = self.rundir.path
@@ -56,6 +59,11 @@ class Trainer:
             self.data = build_data(_per_rank(cfg.data, self.world), self.device, tc.seed, rank=distributed.rank(),
                                    world_size=self.world)
             method = build_model(cfg, self.data.num_classes)
+            if method.batch_pairing == "same_class":
+                self.data.train.pair_same_class()
+            elif method.batch_pairing is not None:
+                raise TeskdError(f"method {cfg.method.name} asks for unknown batch pairing {method.batch_pairing!r}")
+            method.setup_data(self.data.train.size, self.world)
             if tc.sync_bn and self.world > 1:
                 if self.device.type != "cuda":
                     raise TeskdError("train.sync_bn=true needs GPUs (NCCL); on CPUs each process keeps its own "
@@ -84,7 +92,8 @@ class Trainer:
         return {"model": self.method.state_dict(), "progress": progress.to_dict() if progress else None,
                 **self.opt.state_dict(), "epoch": epoch, "best": dict(self.best),
                 "train_seconds": self.train_seconds, "train_images": self.train_images,
-                "rng": runtime.rng_state(), "config": to_dict(self.cfg), "num_classes": self.data.num_classes,
+                "rng": runtime.rng_state(), "method_state": self.method.training_state_dict(),
+                "config": to_dict(self.cfg), "num_classes": self.data.num_classes,
                 "classes": list(self.data.classes or []),
                 "teskd_version": __version__}
 
@@ -102,6 +111,7 @@ class Trainer:
             self.opt.load_state_dict(state)
             self.best = dict(state["best"])
             runtime.set_rng_state(state["rng"])
+            self.method.load_training_state(state.get("method_state") or {})
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
             raise TeskdError(f"the checkpoint's optimizer or RNG state does not fit this run "
                              f"({' '.join(str(exc).split())[:200]}); is it from another teskd version?") from exc
@@ -202,6 +212,7 @@ class Trainer:
         """Train one epoch; ``progress`` (from a mid-epoch checkpoint) resumes it at its step."""
         loader, tc = self.data.train, self.cfg.train
         self.method.train()
+        self.method.on_epoch_start(epoch, tc.epochs)
         loader.set_epoch(epoch)
         steps = len(loader)
         p = progress or EpochProgress(epoch=epoch, batch_size=self.cfg.data.batch_size, world_size=self.world)
@@ -214,7 +225,8 @@ class Trainer:
         for step, batch in enumerate(bar, start=p.step):
             lr = self._set_lr(epoch, step, steps)
             out = self.method.training_step(self.model, self._to_step_input(batch), self.opt)
-            meters.update(out.loss.detach().float(), out.parts, out.logits, batch[1])
+            meters.update(out.loss.detach().float(), out.parts, out.logits,
+                          batch[1] if out.labels is None else out.labels)
             pending.append((step, out.loss.detach().float(), out.parts))
             done = step + 1
             every_due = bool(tc.checkpoint_every) and done % tc.checkpoint_every == 0

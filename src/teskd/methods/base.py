@@ -11,6 +11,13 @@ A method is an ``nn.Module`` whose ``forward`` does all trainable work, so
 A method also says what the optimizer sees (:meth:`param_groups`; frozen modules stay out
 of it and in eval mode) and may replace the default training step, one backward and one
 optimizer step (:meth:`training_step`), e.g. to step two peer networks in turn.
+
+Hooks for methods that depend on training progress or on the data: :meth:`setup_data` (the
+training-set size, once, before a checkpoint is loaded), :meth:`on_epoch_start` (the epoch, for
+loss-weight ramps), :meth:`training_state_dict` / :meth:`load_training_state` (state that is not
+part of the network, e.g. PS-KD's per-sample predictions, saved in checkpoints and restored on
+resume) and ``batch_pairing`` (CS-KD: each training batch followed by a same-class partner per
+sample).
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ class StepOutput:
     loss: torch.Tensor  # scalar to backpropagate
     parts: dict[str, torch.Tensor]  # named, weighted loss terms (for logs); they sum to ``loss``
     logits: dict[str, torch.Tensor]  # per branch
+    # the labels the logits are scored against; None: the batch's labels (a method that scores only
+    # part of the batch, such as CS-KD's first half, passes that part's labels)
+    labels: torch.Tensor | None = None
 
 
 class Method(nn.Module):
@@ -38,6 +48,9 @@ class Method(nn.Module):
     name: ClassVar[str]
     params_class: ClassVar[type[MethodParams]]
     deploy_branch: ClassVar[str] = "teacher"
+    # "same_class": the training loader yields 2B images per batch, sample i followed (at i + B) by a
+    # random training sample of the same class (possibly itself), as CS-KD's pair sampler does
+    batch_pairing: ClassVar[str | None] = None
 
     def __init__(self, backbone: nn.Module, num_classes: int, params: MethodParams, input_size: int = 32):
         super().__init__()
@@ -45,6 +58,7 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.params = params
         self.input_size = input_size  # the training image size (helpers sized from feature maps need it)
+        self.epoch, self.epochs = 0, 1  # set by on_epoch_start (0-based current epoch, total epochs)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
                 index: torch.Tensor | None = None) -> StepOutput | dict[str, torch.Tensor]:
@@ -66,6 +80,22 @@ class Method(nn.Module):
     def deploy_module(self) -> nn.Module:
         """The network that ships: the plain backbone, helpers dropped."""
         return self.backbone
+
+    # --- hooks the trainer calls ----------------------------------------------------------------
+
+    def setup_data(self, num_train_samples: int, world_size: int = 1) -> None:
+        """Called once with the training set's size (all ranks together), before any checkpoint is loaded."""
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """Called before each training epoch (also the first one after a resume); ``epoch`` is 0-based."""
+        self.epoch, self.epochs = int(epoch), int(epochs)
+
+    def training_state_dict(self) -> dict[str, Any]:
+        """State outside the network that training needs to continue (tensors/numbers); saved in checkpoints."""
+        return {}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`training_state_dict` on resume (an empty dict for checkpoints without one)."""
 
     # --- what trains ----------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from teskd.config import MethodParams
 from teskd.errors import TeskdError
-from teskd.losses import kd_kl, masked_feature_l2
+from teskd.losses import kd_kl, masked_feature_l2, sigmoid_ramp
 from teskd.methods.base import Method, StepOutput, register_method
 from teskd.models.students import LEVELS, HierarchicalStudents
 
@@ -37,6 +37,9 @@ class TeskdParams(MethodParams):
     # student_to_teacher: KL(p_student + eps || p_teacher), the roles of the two distributions swapped
     kd_direction: str = "teacher_to_student"
     kl_eps: float = 1e-7
+    # an ablation (not in the paper): the KD weight ramps up as exp(-5 (1 - epoch/R)^2) over the first R
+    # epochs (0-based epoch; ONE's ramp), so the students' early noise does not reach the teacher; 0 = off
+    kd_ramp_epochs: int = 0
     feature_loss: bool = True  # the masked feature term (off: as if feat_weight were 0)
     # per-branch CE weights; keys "teacher" and "student1".."student3" (missing keys mean 1.0)
     branch_ce_weights: dict[str, float] = field(default_factory=dict)
@@ -52,7 +55,7 @@ class TeskdParams(MethodParams):
     def validate(self) -> None:
         if self.temperature <= 0:
             raise TeskdError(f"method.temperature must be > 0, got {self.temperature}")
-        for key in ("ce_weight", "kd_weight", "feat_weight", "kl_eps"):
+        for key in ("ce_weight", "kd_weight", "feat_weight", "kl_eps", "kd_ramp_epochs"):
             if getattr(self, key) < 0:
                 raise TeskdError(f"method.{key} must be >= 0, got {getattr(self, key)}")
         if not self.levels or len(set(self.levels)) != len(self.levels) or any(
@@ -143,7 +146,8 @@ class TESKD(Method):
                 kd = kd + kd_kl(target_t, logits_s, p.temperature, eps=p.kl_eps)
             if self.use_feature_loss:
                 feat = feat + masked_feature_l2(feat_s, feat_t)
-        parts = {"ce": p.ce_weight * ce, "kd": p.kd_weight * kd, "feat": p.feat_weight * feat}
+        kd_weight = p.kd_weight * sigmoid_ramp(self.epoch, p.kd_ramp_epochs)
+        parts = {"ce": p.ce_weight * ce, "kd": kd_weight * kd, "feat": p.feat_weight * feat}
         loss = parts["ce"] + parts["kd"] + parts["feat"]
         logits = {"teacher": logits_t, **{name: out[0] for name, out in students.items()}}
         return StepOutput(loss=loss, parts={k: v.detach() for k, v in parts.items()}, logits=logits)

@@ -16,4 +16,6 @@ def list_backbones() -> list[str]:
 
 def build_backbone(arch: str, num_classes: int, width_mult: float = 1.0) -> Backbone:
     """The backbone ``arch`` with a ``num_classes``-way head (the config has validated the numbers)."""
-    return BACKBONES.get(arch)(num_classes, float(width_mult))
+    backbone = BACKBONES.get(arch)(num_classes, float(width_mult))
+    backbone.arch, backbone.width_mult = arch, float(width_mult)  # what built it (e.g. for a DML peer)
+    return backbone

@@ -114,3 +114,19 @@ def add_resnet_stages(backbone: Backbone, in_ch: int, num_blocks: Sequence[int],
 def resnet_depths() -> dict[int, tuple[type, tuple[int, int, int, int]]]:
     """ResNet depth -> (block, blocks per stage), shared by the CIFAR and ImageNet families."""
     return {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3))}
+
+
+def init_conv_bn(module: nn.Module, linear_std: float | None = None) -> None:
+    """He (fan-out) normal convolutions with zero biases, BatchNorm weight 1 and bias 0, and, if ``linear_std``
+    is given, N(0, linear_std) Linear weights with zero biases; one pass in module order (the RNG order)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and linear_std is not None:
+            nn.init.normal_(m.weight, 0.0, linear_std)
+            nn.init.zeros_(m.bias)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from teskd.models.backbones._layers import scale_channels
+from teskd.models.backbones._layers import init_conv_bn, scale_channels
 from teskd.models.backbones.base import Backbone, StageInfo
 from teskd.models.registry import register_backbone
 
@@ -48,17 +48,7 @@ def _vgg_stage(in_ch: int, out_ch: int, num_convs: int) -> nn.Sequential:
 
 def init_official_vgg(module: nn.Module) -> None:
     """The official VGG initialisation, applied to every conv, BN and Linear in ``module``."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
+    init_conv_bn(module, linear_std=0.01)
 
 
 class CifarVGG(Backbone):

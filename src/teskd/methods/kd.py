@@ -1,0 +1,156 @@
+"""Classic knowledge distillation (Hinton et al.; the recipe of RepDistiller): a frozen, pretrained
+network teaches the backbone.
+
+    loss = ce_weight * CE(z_s) + kd_weight * T^2 * KL(sg softmax(z_t / T) || softmax(z_s / T))
+
+with the KL summed over classes and averaged over the batch (``batchmean``, no epsilon). Defaults:
+T = 4, ce_weight = 0.1, kd_weight = 0.9.
+
+The pretrained network (branch ``kd_teacher``) comes from ``method.teacher``: a teskd run directory
+(its ``checkpoints/<teacher_checkpoint>.pt``), a checkpoint ``.pt`` or a ``teacher.safetensors``
+export. It is rebuilt from the file's own architecture and width (the checkpoint's config, or the
+export's metadata) and loaded with teskd's loaders, which never unpickle code. It never trains: it
+is a frozen module (outside the optimizer, kept in eval mode, ``requires_grad`` off, run under
+``no_grad``). Its weights are part of this method's state dict, so checkpoints hold the exact
+teacher used; it is evaluated each epoch (for reference) but never deployed: the backbone
+(branch ``teacher``, the project's name for the deployed network) is.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from teskd.config import MethodParams
+from teskd.errors import TeskdError
+from teskd.methods.base import Method, StepOutput, register_method
+
+
+@dataclass
+class KDParams(MethodParams):
+    name: str = "kd"
+    path_fields: ClassVar[tuple[str, ...]] = ("teacher",)
+    teacher: str = ""  # required: a run directory, a checkpoint .pt or a teacher.safetensors
+    teacher_checkpoint: str = "best"  # for a run directory: checkpoints/best.pt or checkpoints/last.pt
+    temperature: float = 4.0
+    ce_weight: float = 0.1
+    kd_weight: float = 0.9
+
+    def validate(self) -> None:
+        if not self.teacher:
+            raise TeskdError("method kd needs method.teacher: a run directory, a checkpoint .pt or a "
+                             "teacher.safetensors of the pretrained teacher")
+        if self.teacher_checkpoint not in ("best", "last"):
+            raise TeskdError(f"method.teacher_checkpoint must be best or last, got {self.teacher_checkpoint!r}")
+        if self.temperature <= 0:
+            raise TeskdError(f"method.temperature must be > 0, got {self.temperature}")
+        for key in ("ce_weight", "kd_weight"):
+            if getattr(self, key) < 0:
+                raise TeskdError(f"method.{key} must be >= 0, got {getattr(self, key)}")
+
+
+def hinton_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``, summed over classes, averaged over the batch.
+
+    The teacher's logits are detached here (the target is a constant)."""
+    t = temperature
+    log_q = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean() * (t * t)
+
+
+def _model_fields(config: object, path: Path) -> tuple[str, float]:
+    """(arch, width_mult) from a checkpoint's config mapping."""
+    model = config.get("model") if isinstance(config, dict) else None
+    arch = model.get("arch") if isinstance(model, dict) else None
+    width = model.get("width_mult", 1.0) if isinstance(model, dict) else None
+    if not isinstance(arch, str) or isinstance(width, bool) or not isinstance(width, (int, float)) \
+            or not 0 < float(width) < float("inf"):
+        raise TeskdError(f"teacher checkpoint {path} has no usable model.arch / model.width_mult in its config")
+    return arch, float(width)
+
+
+def load_pretrained_teacher(target: str, which: str, num_classes: int) -> tuple[nn.Module, str]:
+    """The deployed network of a run directory, checkpoint or teacher.safetensors; returns (module, description)."""
+    from teskd.engine.checkpoint import load_checkpoint, load_model_weights
+    from teskd.evaluation import load_teacher
+    from teskd.models import build_backbone
+
+    path = Path(target).expanduser()
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise TeskdError(f"method.teacher: no such teacher weights file: {path}")
+        backbone, info = load_teacher(path)
+        arch, width, classes = info["arch"], info["width_mult"], info["num_classes"]
+    else:
+        if path.is_dir():
+            ckpt = path / "checkpoints" / f"{which}.pt"
+            if not ckpt.is_file():
+                raise TeskdError(f"method.teacher: {path} has no checkpoints/{which}.pt (is it a teskd run "
+                                 f"directory? a teacher.safetensors path works too)")
+            path = ckpt
+        elif not path.is_file():
+            raise TeskdError(f"method.teacher: no such run directory, checkpoint or teacher.safetensors: {path}")
+        state = load_checkpoint(path)
+        arch, width = _model_fields(state["config"], path)
+        prefix = "backbone."
+        weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+        if not weights:
+            raise TeskdError(f"teacher checkpoint {path} holds no backbone weights")
+        head = [v for k, v in weights.items() if k.endswith(".weight") and v.dim() == 2]
+        classes = state.get("num_classes") or (int(head[-1].shape[0]) if head else num_classes)
+        if classes == num_classes:
+            backbone = build_backbone(arch, num_classes, width)
+            load_model_weights(backbone, weights, f"teacher checkpoint {path} does not match {arch} "
+                                                  f"(width_mult {width:g})")
+    if classes != num_classes:
+        raise TeskdError(f"method.teacher {path} predicts {classes} classes, but the data has {num_classes}")
+    return backbone, f"{arch} (width_mult {width:g}) from {path}"
+
+
+@register_method
+class KD(Method):
+    name = "kd"
+    params_class = KDParams
+
+    def __init__(self, backbone, num_classes: int, params: KDParams, input_size: int = 32):
+        super().__init__(backbone, num_classes, params, input_size)
+        try:
+            with warnings.catch_warnings():
+                if torch.empty(0).is_meta:  # built for shapes only (teskd info): loading the weights is a no-op
+                    warnings.simplefilter("ignore")
+                teacher, self.teacher_source = load_pretrained_teacher(params.teacher, params.teacher_checkpoint,
+                                                                       num_classes)
+        except TeskdError as exc:
+            text = str(exc)
+            raise TeskdError(text if text.startswith("method.teacher") else f"method.teacher: {text}") from exc
+        teacher.requires_grad_(False)
+        self.kd_teacher = teacher.eval()
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.kd_teacher]
+
+    def _teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.kd_teacher(images)
+
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, index=None) -> StepOutput:
+        p = self.params
+        logits_t = self._teacher_logits(images)
+        logits_s = self.backbone(images)
+        ce = F.cross_entropy(logits_s.float(), labels)
+        kd = hinton_kl(logits_s, logits_t, p.temperature)
+        parts = {"ce": p.ce_weight * ce, "kd": p.kd_weight * kd}
+        loss = parts["ce"] + parts["kd"]
+        return StepOutput(loss=loss, parts={k: v.detach() for k, v in parts.items()},
+                          logits={"teacher": logits_s, "kd_teacher": logits_t})
+
+    def forward_eval(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"teacher": self.backbone(images), "kd_teacher": self._teacher_logits(images)}
