@@ -174,3 +174,15 @@ def test_cli_errors_are_one_line(capsys, argv, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["label_smoothing", "byot", "cskd", "dks", "dml", "frskd", "one", "okddip",
+                                  "pskd"])
+def test_every_method_benches_with_the_inputs_its_loader_gives(name):
+    """Same-class pairs for cskd, sample indices for pskd's table: bench feeds each method as training does."""
+    cfg = load_config(None, ["model.width_mult=0.0625", "data.batch_size=8", "train.threads=1",
+                             f"method.name={name}"])
+    r = run_bench(cfg, steps=1, warmup=0, memory=False, progress=False)
+    assert r["config"]["method"] == name and r["step_time_ratio"] > 0
+    extra_modules = name not in ("label_smoothing", "pskd", "cskd")  # these train the plain network alone
+    assert r["activation_mb"]["method"] > r["activation_mb"]["ce"] or not extra_modules

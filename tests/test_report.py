@@ -390,3 +390,18 @@ def test_folder_whose_runs_have_not_finished_an_epoch(tmp_path, capsys):
     code, _, err = report(capsys, tmp_path / "sweep")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"no run in {tmp_path / 'sweep'} has finished an epoch yet" in err
+
+
+def test_a_setting_missing_from_an_older_config_counts_as_its_default(tmp_path, capsys):
+    """A config.yaml written before a setting existed groups with runs that have it at its default."""
+    old = grouped_run(tmp_path / "old-s0", "ce", [10.0, 20.0], 0)
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    del cfg["data"]["cutout"], cfg["data"]["autoaugment"]
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg))
+    new = grouped_run(tmp_path / "new-s1", "ce", [12.0, 24.0], 1)
+    other = grouped_run(tmp_path / "cut-s0", "ce", [12.0, 14.0], 0, "data.cutout=16")
+    code, out, err = report(capsys, old, new, other, "--format", "json")
+    assert code == 0, err
+    groups = {g["settings"]: g for g in json.loads(out)}
+    assert set(groups) == {"data.cutout=0", "data.cutout=16"}
+    assert groups["data.cutout=0"]["n"] == 2 and groups["data.cutout=0"]["top1_last_mean"] == pytest.approx(22.0)

@@ -59,14 +59,26 @@ class _Trainee:
         from teskd.build import build_model
 
         runtime.seed_everything(cfg.train.seed)
-        self.method, self.model = runtime.prepare_model(build_model(cfg, num_classes), cfg.train, device)
+        method = build_model(cfg, num_classes)
+        method.setup_data(BATCHES * cfg.data.batch_size)  # as many samples as the synthetic batches hold
+        self.method, self.model = runtime.prepare_model(method, cfg.train, device)
         self.method.train()
         self.opt = Optimization(make_optimizer(self.method, cfg.optim), device, amp_dtype)
         self.device, self.amp_dtype = device, amp_dtype
 
 
-def train_step(t: _Trainee, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return t.method.training_step(t.model, (images, labels, None), t.opt).loss.detach()
+def step_input(method, images: torch.Tensor, labels: torch.Tensor, batch: int = 0) -> tuple:
+    """``(images, labels, index)`` as the training loader gives them to ``method``: sample indices of the
+    ``batch``-th synthetic batch, and for same-class pairing each batch followed by partners (here: itself)."""
+    b = labels.shape[0]
+    index = torch.arange(batch * b, (batch + 1) * b, device=labels.device)
+    if method.batch_pairing == "same_class":
+        return torch.cat([images, images]), torch.cat([labels, labels]), torch.cat([index, index])
+    return images, labels, index
+
+
+def train_step(t: _Trainee, images: torch.Tensor, labels: torch.Tensor, batch: int = 0) -> torch.Tensor:
+    return t.method.training_step(t.model, step_input(t.method, images, labels, batch), t.opt).loss.detach()
 
 
 def _classes(cfg: Config) -> int:
@@ -116,7 +128,7 @@ def activation_bytes(method, images: torch.Tensor, labels: torch.Tensor, device:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with runtime.autocast(device, amp_dtype):
-            out = method(images, labels)
+            out = method(*step_input(method, images, labels))
     del out, keep
     return sum(seen.values())
 
@@ -233,7 +245,8 @@ def _time(cfg: Config, configs: dict, device, steps: int, warmup: int, inference
     trainees = {k: _Trainee(c, _classes(cfg), device, amp_dtype) for k, c in configs.items()}
     batches = synthetic_batches(cfg, device, BATCHES)
     _log(progress, f"{warmup} warm-up and {steps} timed steps each, alternating")
-    step_s = _alternate({k: (lambda i, t=t: train_step(t, *batches[i % BATCHES])) for k, t in trainees.items()},
+    step_s = _alternate({k: (lambda i, t=t: train_step(t, *batches[i % BATCHES], i % BATCHES))
+                         for k, t in trainees.items()},
                         steps, warmup, device)
     amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, str(amp_dtype))
     result = {

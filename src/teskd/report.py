@@ -385,7 +385,19 @@ def _read_config(run: RunDir, notes: list[str]) -> dict:
     except Exception as exc:
         notes.append(f"{run.config} cannot be read ({one_line(exc, 120)}): its settings are unknown")
         return {}
-    return flatten(data)
+    return _with_defaults(flatten(data))
+
+
+def _with_defaults(flat: dict) -> dict:
+    """The settings with today's defaults filled in: a config.yaml written by an older teskd lacks the settings
+    added since, which had their default value (so they do not count as differing)."""
+    from teskd.config import load_config, to_dict
+
+    try:
+        defaults = flatten(to_dict(load_config(None, [f"method.name={flat.get('method.name', 'teskd')}"])))
+    except TeskdError:  # a method of a plug-in that is not loaded: fill in the non-method settings only
+        defaults = {k: v for k, v in flatten(to_dict(load_config(None, []))).items() if not k.startswith("method.")}
+    return {**defaults, **flat}
 
 
 def _numbers(d) -> dict[str, float]:
