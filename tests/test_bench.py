@@ -79,9 +79,9 @@ def _fake_clock(monkeypatch, step_seconds: dict[str, list[float]]) -> list[str]:
 
     real_step = bench.train_step
 
-    def step(t, images, labels):
+    def step(t, images, labels, batch=0):
         ran.append(t)
-        return real_step(t, images, labels)
+        return real_step(t, images, labels, batch)
 
     def timed(fn, device):
         ran.clear()
