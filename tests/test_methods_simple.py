@@ -84,19 +84,19 @@ Y = torch.tensor(LABELS)
 
 
 def test_label_smoothing_loss_by_hand():
-    m = method("label_smoothing", Fixed(Z1), smoothing=0.1)
+    m = method("label_smoothing", Fixed(Z1), label_smoothing=0.1)
     out = m(X, Y)
     targets = [[0.9 * o + 0.1 / 3 for o in onehot(y)] for y in LABELS]
     assert float(out.loss.detach()) == pytest.approx(soft_ce(Z1, targets), rel=1e-6)
     assert set(out.parts) == {"ce"} and set(out.logits) == {"teacher"}
     # smoothing=0 is plain cross-entropy
-    plain = method("label_smoothing", Fixed(Z1), smoothing=0.0)(X, Y)
+    plain = method("label_smoothing", Fixed(Z1), label_smoothing=0.0)(X, Y)
     assert float(plain.loss.detach()) == pytest.approx(soft_ce(Z1, [onehot(y) for y in LABELS]), rel=1e-6)
 
 
 def test_label_smoothing_rejects_bad_values():
-    with pytest.raises(TeskdError, match="method.smoothing"):
-        load_config(CONFIG, ["method.name=label_smoothing", "method.smoothing=1.0"])
+    with pytest.raises(TeskdError, match="method.label_smoothing"):
+        load_config(CONFIG, ["method.name=label_smoothing", "method.label_smoothing=1.0"])
 
 
 def _tiny_teacher_file(path, num_classes=3):

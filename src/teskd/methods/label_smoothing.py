@@ -1,36 +1,24 @@
-"""Label smoothing: cross-entropy against `(1 - eps) * one-hot + eps / C` (F.cross_entropy(label_smoothing=eps))."""
+"""Label smoothing: cross-entropy against ``(1 - eps) * one-hot + eps / C`` (``F.cross_entropy(label_smoothing=eps)``).
+
+The ``ce`` method with the smoothing on by default (eps = 0.1), so that it is a baseline of its own in
+sweeps and reports.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
-from teskd.config import MethodParams
-from teskd.errors import TeskdError
-from teskd.methods.base import Method, StepOutput, register_method
+from teskd.methods.base import register_method
+from teskd.methods.ce import CE, CEParams
 
 
 @dataclass
-class LabelSmoothingParams(MethodParams):
+class LabelSmoothingParams(CEParams):
     name: str = "label_smoothing"
-    smoothing: float = 0.1
-
-    def validate(self) -> None:
-        if not 0.0 <= self.smoothing < 1.0:
-            raise TeskdError(f"method.smoothing must be in [0, 1), got {self.smoothing}")
+    label_smoothing: float = 0.1
 
 
 @register_method
-class LabelSmoothing(Method):
+class LabelSmoothing(CE):
     name = "label_smoothing"
     params_class = LabelSmoothingParams
-
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, index=None) -> StepOutput:
-        logits = self.backbone(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.params.smoothing)
-        return StepOutput(loss=loss, parts={"ce": loss.detach()}, logits={"teacher": logits})
-
-    def forward_eval(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"teacher": self.backbone(images)}
