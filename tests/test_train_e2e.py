@@ -49,6 +49,7 @@ def test_run_directory_contents(straight_run):
         assert r["lr"] == pytest.approx(0.1)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["selected_on"] == "val" and summary["epochs"] == 2
+    assert (summary["method"], summary["seed"], summary["width_mult"]) == ("teskd", 0, 0.125)
     assert summary["teacher_top1_last"] == records[-1]["test_acc"]["teacher"]
     best = max(records, key=lambda r: r["val_acc"]["teacher"])  # first maximum wins
     assert summary["best_epoch"] == best["epoch"]

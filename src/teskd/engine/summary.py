@@ -27,6 +27,8 @@ def summarise(trainer, records: list[dict]) -> dict:
         "method": cfg.method.name,
         "arch": cfg.model.arch,
         "dataset": cfg.data.dataset,
+        "width_mult": cfg.model.width_mult,
+        "seed": cfg.train.seed,
         "epochs": last["epoch"],
         "teacher_top1_last": last["test_acc"][branch],
         "teacher_top5_last": last["test_top5"][branch],
