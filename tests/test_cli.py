@@ -29,9 +29,21 @@ def test_info_exact_parameter_counts(capsys):
     # the fast students run the three top-down 1x1 convs (512x512) at a quarter of the pixels:
     # 8x8, 16x16, 32x32 -> 4x4, 8x8, 16x16
     assert info["macs_train"] - info["macs_train_executed"] == 512 * 512 * (64 + 256 + 1024) * 3 // 4
+    assert info["branches"] == "teacher, student1, student2, student3, students_ensemble"
     code, out, _ = run_cli(capsys, "info", str(REPO / "configs/cifar100/resnet18_ce.yaml"), "--json")
     info = json.loads(out)
     assert info["params_train"] == info["params_deploy"] == 11_220_132
+    assert info["branches"] == "teacher" and info["deployed"].startswith("resnet18 (branch 'teacher')")
+
+
+@pytest.mark.parametrize("name, branches", [("one", "teacher, branch2, branch3, ensemble"),
+                                            ("dml", "teacher, peer2"), ("byot", "teacher, exit1, exit2, exit3")])
+def test_info_names_each_methods_branches_and_what_it_deploys(capsys, name, branches):
+    code, out, _ = run_cli(capsys, "info", str(REPO / "configs/cifar100/resnet18_ce.yaml"), f"method.name={name}",
+                           "--json")
+    info = json.loads(out)
+    assert code == 0 and info["branches"] == branches and info["params_deploy"] == 11_220_132
+    assert info["params_train"] > info["params_deploy"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -244,6 +244,10 @@ def model_info(cfg: Config) -> dict:
         "macs_train": count_macs(reference, shape, forward=forward),
         "macs_deploy": count_macs(method.deploy_module, shape),
     }
+    with torch.no_grad():  # on the meta device: the branch names only
+        branches = list(method.eval()(torch.zeros(shape, device="meta")))
+    info["deployed"] = f"{cfg.model.arch} (branch {method.deploy_branch!r}); helpers dropped at export"
+    info["branches"] = ", ".join(branches)
     executed = count_macs(method, shape, forward=forward)
     if executed != info["macs_train"]:
         info["macs_train_executed"] = executed  # after the exact rewrites of the fast students
