@@ -340,8 +340,10 @@ def test_folder_of_runs_and_unfinished_seed(seeded, capsys, tmp_path):
     code, out, err = report(capsys, tmp_path, "--format", "json")  # two levels above the runs
     assert code == 0, err
     ce = next(g for g in json.loads(out) if g["method"] == "ce")
-    assert ce["n"] == 3 and ce["seeds"] == [0, 1, 2] and ce["epochs"] == "3/3,3/3,2/3*" and ce["unfinished"] == 1
-    assert ce["top1_last_mean"] == pytest.approx((30 + 32 + 20) / 3)
+    # the unfinished seed is listed but not averaged with the finished ones
+    assert ce["n"] == 2 and ce["seeds"] == [0, 1] and ce["epochs"] == "3/3,3/3,2/3*" and ce["unfinished"] == 1
+    assert ce["top1_last_mean"] == pytest.approx((30 + 32) / 2)
+    assert [r["finished"] for r in ce["runs"]] == [True, True, False] and ce["runs"][2]["top1_last"] == 20.0
     assert f"note: left out {waiting}: it has not finished an epoch yet" in err  # stderr: stdout stays JSON
     code, out, _ = report(capsys, root)
     assert code == 0 and "*: unfinished run" in out and "2/3 unfinished" in out
@@ -405,3 +407,11 @@ def test_a_setting_missing_from_an_older_config_counts_as_its_default(tmp_path, 
     groups = {g["settings"]: g for g in json.loads(out)}
     assert set(groups) == {"data.cutout=0", "data.cutout=16"}
     assert groups["data.cutout=0"]["n"] == 2 and groups["data.cutout=0"]["top1_last_mean"] == pytest.approx(22.0)
+
+
+def test_a_group_of_unfinished_runs_only_reports_them(tmp_path, capsys):
+    a = grouped_run(tmp_path / "a-s0", "ce", [14.0, 20.0], 0, "train.epochs=3", finished=False)
+    b = grouped_run(tmp_path / "a-s1", "ce", [16.0, 24.0], 1, "train.epochs=3", finished=False)
+    code, out, err = report(capsys, a, b, "--format", "json")
+    (ce,) = json.loads(out)
+    assert ce["n"] == 2 and ce["unfinished"] == 2 and ce["top1_last_mean"] == pytest.approx(22.0)

@@ -458,12 +458,18 @@ class Group:
         return " ".join(f"{k}={render_value(v)}" for k, v in (*self.common, *self.method_settings))
 
     @property
+    def counted(self) -> list[RunInfo]:
+        """The runs the statistics use: the finished ones, or, while none has finished, the unfinished ones
+        (up to their last finished epoch); a mean never mixes a finished seed with one stopped halfway."""
+        return [r for r in self.runs if not r.unfinished] or self.runs
+
+    @property
     def last(self) -> list[float]:
-        return [r.row.top1_last for r in self.runs]
+        return [r.row.top1_last for r in self.counted]
 
     @property
     def best(self) -> list[float]:
-        return [r.row.top1_best for r in self.runs]
+        return [r.row.top1_best for r in self.counted]
 
     @property
     def delta_vs_ce(self) -> float | None:
@@ -482,8 +488,8 @@ class Group:
         return next((v for v in map(get, self.runs) if v is not None), None)
 
     def branch_means(self) -> dict[str, float]:
-        names = dict.fromkeys(b for r in self.runs for b in r.branches)
-        return {b: _mean([r.branches.get(b) for r in self.runs]) for b in names}
+        names = dict.fromkeys(b for r in self.counted for b in r.branches)
+        return {b: _mean([r.branches.get(b) for r in self.counted]) for b in names}
 
     def as_dict(self) -> dict:
         """The group as plain data (``--format json``; csv flattens it)."""
@@ -492,13 +498,13 @@ class Group:
             "dataset": self.dataset, "arch": self.arch, "width_mult": _maybe_number(self.width_mult),
             "method": self.method, "settings": self.settings,
             "settings_dict": {k: v for k, v in (*self.common, *self.method_settings) if v is not _UNSET},
-            "n": len(self.runs), "seeds": [r.seed for r in self.runs], "epochs": self.epochs,
+            "n": len(self.counted), "seeds": [r.seed for r in self.counted], "epochs": self.epochs,
             "unfinished": sum(r.unfinished for r in self.runs),
             "top1_last_mean": _mean(self.last), "top1_last_std": _std(self.last),
             "top1_best_mean": _mean(self.best), "top1_best_std": _std(self.best),
             "delta_vs_ce": self.delta_vs_ce,
             "test_acc_last_mean": self.branch_means(),
-            "train_images_per_sec": _mean([r.row.images_per_sec for r in self.runs]),
+            "train_images_per_sec": _mean([r.row.images_per_sec for r in self.counted]),
             "params_train": self.first(lambda r: r.row.params_train),
             "params_deploy": self.first(lambda r: r.row.params_deploy),
             "macs_train": summary("macs_train"), "macs_deploy": summary("macs_deploy"),
@@ -623,7 +629,8 @@ def _legend(groups: list[Group]) -> list[str]:
              f"(best: the epoch selected on val, or on test without val); \u0394 vs CE: mean last top-1 minus "
              f"that of the ce group with the same dataset, arch, width and settings"]
     if any(r.unfinished for g in groups for r in g.runs):
-        lines.append(f"*: unfinished run (numbers up to its last finished epoch, from {METRICS})")
+        lines.append(f"*: unfinished run; a group's numbers use its finished seeds only (n), or, while none has "
+                     f"finished, its unfinished ones up to their last finished epoch (from {METRICS})")
     return lines
 
 
@@ -694,7 +701,7 @@ def group_labels(groups: list[Group]) -> list[str]:
     for k, g in enumerate(groups, 1):
         parts = [v for v, on in zip((g.dataset, g.arch, f"w{g.width_mult}"), vary) if on]
         parts += [g.method] + ([g.settings] if g.settings else [])
-        labels.append(f"[{k}] " + " ".join(parts) + f" (n={len(g.runs)})")
+        labels.append(f"[{k}] " + " ".join(parts) + f" (n={len(g.counted)})")
     return labels
 
 
