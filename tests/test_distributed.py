@@ -173,3 +173,23 @@ def test_mid_epoch_checkpoint_of_two_processes_resumes_only_with_two(data, tmp_p
         save_checkpoint(state, run / "checkpoints" / name, keep_previous=False)
     assert main(["train", "--resume", str(run)]) == 2
     assert "stopped inside epoch 1 with 2 processes; resume it with that many" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, branches", [("cskd", {"teacher"}), ("one", {"teacher", "branch2", "branch3",
+                                                                             "ensemble"})])
+def test_methods_with_pairs_or_extra_branches_train_in_two_processes(data, tmp_path, name, branches):
+    """CS-KD's pairs are drawn within each rank's shard (the method refuses a batch whose halves differ in
+    class); ONE's extra branches and gate are synchronised like the backbone."""
+    run = tmp_path / name
+    proc = torchrun(*args(data, f"method.name={name}", "train.epochs=1"), "--out", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert set(record["test_acc"]) == branches
+    assert all(torch.isfinite(v.double()).all() for v in weights(run).values())
+
+
+def test_pskd_refuses_several_processes_in_one_line(data, tmp_path):
+    proc = torchrun(*args(data, "method.name=pskd", "train.epochs=1"), "--out", str(tmp_path / "pskd"))
+    assert proc.returncode != 0
+    lines = [x for x in (proc.stderr + proc.stdout).splitlines() if "method pskd supports" in x]
+    assert lines and all(x.startswith("error: method pskd supports one process only for now") for x in lines)
