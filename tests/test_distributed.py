@@ -188,8 +188,37 @@ def test_methods_with_pairs_or_extra_branches_train_in_two_processes(data, tmp_p
     assert all(torch.isfinite(v.double()).all() for v in weights(run).values())
 
 
-def test_pskd_refuses_several_processes_in_one_line(data, tmp_path):
-    proc = torchrun(*args(data, "method.name=pskd", "train.epochs=1"), "--out", str(tmp_path / "pskd"))
-    assert proc.returncode != 0
-    lines = [x for x in (proc.stderr + proc.stdout).splitlines() if "method pskd supports" in x]
-    assert lines and all(x.startswith("error: method pskd supports one process only for now") for x in lines)
+def test_pskd_in_two_processes_trains_like_one(data, tmp_path):
+    """Each rank keeps the whole prediction table (the steps' predictions are all-gathered), so the second
+    epoch's targets, and the weights, are those of one process with the same global batch."""
+    single, two = tmp_path / "single", tmp_path / "two"
+    assert one_process(*args(data, "method.name=pskd"), "--out", str(single)).returncode == 0
+    proc = torchrun(*args(data, "method.name=pskd"), "--out", str(two))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert max_diff(single, two) < 1e-5
+    tables = [torch.load(run / "checkpoints" / "last.pt", weights_only=True)["method_state"]["predictions"]
+              for run in (single, two)]
+    assert torch.allclose(tables[0], tables[1], atol=1e-6) and (tables[0].sum(1) > 0.99).all()
+
+
+def _gather_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from teskd.engine import distributed
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        mine = torch.full((2 + rank, 3), float(rank))  # rank 0: 2 rows, rank 1: 3 rows
+        torch.save(distributed.all_gather_cat(mine), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_gather_cat_concatenates_unequal_shards_in_rank_order(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "gathered")
+    mp.spawn(_gather_worker, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2)
+    expect = torch.cat([torch.zeros(2, 3), torch.ones(3, 3)])
+    for rank in (0, 1):
+        assert torch.equal(torch.load(f"{out}.{rank}", weights_only=True), expect)

@@ -175,10 +175,8 @@ def test_pskd_loss_by_hand_epoch0_and_later():
     assert after[1].tolist() == pytest.approx(given[1].tolist())  # untouched rows stay
 
 
-def test_pskd_table_shape_and_processes_are_checked():
+def test_pskd_table_shape_is_checked():
     m = method("pskd", Fixed(Z1))
-    with pytest.raises(TeskdError, match="one process only"):
-        m.setup_data(4, 2)
     m.setup_data(4, 1)
     with pytest.raises(TeskdError, match="shape"):
         m.load_training_state({"predictions": torch.zeros(5, 3)})

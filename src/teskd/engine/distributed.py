@@ -35,6 +35,22 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated along dim 0 in rank order (the other dims equal on all ranks; the
+    first may differ, e.g. after skipped images); itself alone without a process group."""
+    if not active():
+        return tensor
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=tensor.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+    sizes = [int(n) for n in sizes]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` is true on any rank (a stop request, a non-finite loss)."""
     if not active():

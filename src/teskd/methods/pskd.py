@@ -19,9 +19,10 @@ read as the one-hot label, as at epoch 0, instead of as zeros; in an ordinary ru
 
 The table is not part of the module's state dict (evaluation and export never see it); it travels
 in checkpoints through :meth:`training_state_dict` / :meth:`load_training_state`, so a resumed run
-continues with the same targets. It lives on the device of the logits (20 MB for CIFAR-100). One
-process only for now: with several, each would see a shard of the samples (the official code
-all-gathers the predictions).
+continues with the same targets. It lives on the device of the logits (20 MB for CIFAR-100; a
+float32 table for ImageNet-1k would take 5 GB). With several processes every rank keeps the whole
+table: each step's predictions and indices are all-gathered (as the official code does), so every
+rank's table is the one a single process would hold.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from teskd.config import MethodParams
+from teskd.engine import distributed
 from teskd.errors import TeskdError
 from teskd.methods.base import Method, StepOutput, register_method
 
@@ -64,9 +66,6 @@ class PSKD(Method):
     # --- hooks -------------------------------------------------------------------------------
 
     def setup_data(self, num_train_samples: int, world_size: int = 1) -> None:
-        if world_size > 1:
-            raise TeskdError(f"method pskd supports one process only for now (its per-sample prediction table "
-                             f"is not shared between processes); got {world_size} processes")
         self.predictions = torch.zeros(int(num_train_samples), self.num_classes, dtype=torch.float32)
 
     def training_state_dict(self) -> dict[str, Any]:
@@ -112,8 +111,9 @@ class PSKD(Method):
         alpha = self.alpha_t()
         target = (1.0 - alpha) * onehot + alpha * prev
         loss = pskd_loss(logits, target)
-        with torch.no_grad():
-            self.predictions[index] = F.softmax(logits.detach().float(), dim=1)
+        with torch.no_grad():  # every rank's rows (the ranks' batches have equal sizes at every step)
+            probs = F.softmax(logits.detach().float(), dim=1)
+            self.predictions[distributed.all_gather_cat(index)] = distributed.all_gather_cat(probs)
         return StepOutput(loss=loss, parts={"ce": loss.detach()}, logits={"teacher": logits})
 
     def forward_eval(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
