@@ -1,7 +1,8 @@
 #!/bin/bash
 # The reduced-scale comparison of benchmarks/RESULTS.md, in the order its pieces were run. Every step is a
 # resumable sweep: stop it at any time (Ctrl-C / SIGTERM saves) and run this script again to continue.
-#   usage: bash benchmarks/run_reduced.sh [methods|ablations|schedule|all]   (default all)
+#   usage: bash benchmarks/run_reduced.sh [methods|studies|all]   (default all; the two parts may run at once,
+#   one per core: methods = every method x 2 seeds; studies = TESKD's ablations and schedule lengths)
 set -u
 cd "$(dirname "$0")/.."
 export TESKD_DATA=${TESKD_DATA:-$(cd .. && pwd)/shared/data}
@@ -14,10 +15,10 @@ if [ "$part" = methods ] || [ "$part" = all ]; then
   sweep benchmarks/sweeps/reduced_methods.yaml --only '*-s0'
   sweep benchmarks/sweeps/reduced_methods.yaml
 fi
-if [ "$part" = ablations ] || [ "$part" = all ]; then
+if [ "$part" = studies ] || [ "$part" = all ]; then  # one seed of every setting first, then the second
+  sweep benchmarks/sweeps/reduced_ablations.yaml --only '*-s0'
+  sweep benchmarks/sweeps/reduced_schedule.yaml --only '*-s0'
   sweep benchmarks/sweeps/reduced_ablations.yaml
-fi
-if [ "$part" = schedule ] || [ "$part" = all ]; then
   sweep benchmarks/sweeps/reduced_schedule.yaml
 fi
 exit $status
