@@ -415,3 +415,11 @@ def test_a_group_of_unfinished_runs_only_reports_them(tmp_path, capsys):
     code, out, err = report(capsys, a, b, "--format", "json")
     (ce,) = json.loads(out)
     assert ce["n"] == 2 and ce["unfinished"] == 2 and ce["top1_last_mean"] == pytest.approx(22.0)
+
+
+def test_no_delta_vs_ce_for_a_group_without_a_finished_seed(tmp_path, capsys):
+    ce = grouped_run(tmp_path / "ce-s0", "ce", [10.0, 20.0], 0)
+    teskd = grouped_run(tmp_path / "teskd-s0", "teskd", [5.0], 0, "train.epochs=2", finished=False)
+    code, out, err = report(capsys, ce, teskd, "--format", "json")
+    groups = {g["method"]: g for g in json.loads(out)}
+    assert groups["teskd"]["delta_vs_ce"] is None and groups["teskd"]["top1_last_mean"] == 5.0

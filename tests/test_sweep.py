@@ -325,12 +325,13 @@ def test_collect_only_and_never_into_run_folders(tmp_path, capsys):
                        runs={"ce": {}})
     fake_folder(runs / "ce-s0", ["train.epochs=3"], 3, summary_epochs=3, checkpoint=True)
     (runs / "ce-s0" / "teacher.safetensors").write_bytes(b"w")
+    fake_folder(runs / "ce-s1", ["train.epochs=3"], 0)  # started, killed before its first epoch ended
     code, out, err = sweep_cli(capsys, path, "--collect", tmp_path / "res", "--no-run")
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["ce-s0"]  # ce-s1 has not started
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["ce-s0"]  # ce-s1 has no finished epoch
     assert sorted(p.name for p in (tmp_path / "res" / "ce-s0").iterdir()) == ["config.yaml", "metrics.jsonl",
                                                                                "summary.json"]
-    assert "ce-s1: not started, nothing to collect" in out
+    assert "ce-s1: no finished epoch yet, nothing to collect" in out
     before = snapshot(runs)
     for target in (runs, runs / "ce-s0" / "x"):
         code, _, err = sweep_cli(capsys, path, "--collect", target, "--no-run")

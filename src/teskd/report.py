@@ -472,8 +472,13 @@ class Group:
         return [r.row.top1_best for r in self.counted]
 
     @property
+    def finished(self) -> bool:
+        return any(not r.unfinished for r in self.runs)
+
+    @property
     def delta_vs_ce(self) -> float | None:
-        if self.ce is None:
+        """None unless both groups have a finished seed (a run stopped halfway is not a result to compare)."""
+        if self.ce is None or not (self.finished and self.ce.finished):
             return None
         return _mean(self.last) - _mean(self.ce.last)
 

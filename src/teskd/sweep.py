@@ -437,8 +437,8 @@ def collect(runs: list[PlannedRun], dest: Path, all_runs=None, say: Callable[[st
     for run in runs:
         src = RunDir(run.out)
         present = [name for name in COLLECTED if (src.path / name).is_file()]
-        if not present:
-            say(f"{run.name}: not started, nothing to collect")
+        if not present or run_status(run).done == 0:  # nothing a report could read yet
+            say(f"{run.name}: no finished epoch yet, nothing to collect")
             continue
         target = dest / run.name
         try:
