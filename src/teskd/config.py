@@ -97,6 +97,19 @@ class MethodParams:
 
     name: str = "teskd"
 
+    def require(self, positive: Sequence[str] = (), non_negative: Sequence[str] = (),
+                at_least: dict[str, int] | None = None) -> None:
+        """One-line errors for fields that must be > 0, >= 0, or >= a given minimum (for ``validate``)."""
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise TeskdError(f"method.{key} must be > 0, got {getattr(self, key)}")
+        for key in non_negative:
+            if getattr(self, key) < 0:
+                raise TeskdError(f"method.{key} must be >= 0, got {getattr(self, key)}")
+        for key, low in (at_least or {}).items():
+            if getattr(self, key) < low:
+                raise TeskdError(f"method.{key} must be >= {low}, got {getattr(self, key)}")
+
 
 @dataclass
 class Config:

@@ -62,10 +62,7 @@ class ByotParams(MethodParams):
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise TeskdError(f"method.alpha must be in [0, 1], got {self.alpha}")
-        if self.beta < 0:
-            raise TeskdError(f"method.beta must be >= 0, got {self.beta}")
-        if self.temperature <= 0:
-            raise TeskdError(f"method.temperature must be > 0, got {self.temperature}")
+        self.require(positive=["temperature"], non_negative=["beta"])
         if self.exit_type not in EXIT_TYPES:
             raise TeskdError(f"method.exit_type must be one of {', '.join(EXIT_TYPES)}, got {self.exit_type!r}")
 

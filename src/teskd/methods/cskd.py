@@ -32,10 +32,7 @@ class CskdParams(MethodParams):
     kd_weight: float = 1.0  # lambda
 
     def validate(self) -> None:
-        if self.temperature <= 0:
-            raise TeskdError(f"method.temperature must be > 0, got {self.temperature}")
-        if self.kd_weight < 0:
-            raise TeskdError(f"method.kd_weight must be >= 0, got {self.kd_weight}")
+        self.require(positive=["temperature"], non_negative=["kd_weight"])
 
 
 def cskd_kl(logits: torch.Tensor, partner_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -51,7 +51,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from teskd.config import MethodParams
-from teskd.errors import TeskdError
 from teskd.methods.base import Method, StepOutput, register_method
 
 
@@ -162,14 +161,7 @@ class FrskdParams(MethodParams):
     depth: int = 2  # 3x3 depthwise units per fusion block
 
     def validate(self) -> None:
-        if self.temperature <= 0:
-            raise TeskdError(f"method.temperature must be > 0, got {self.temperature}")
-        for key in ("alpha", "beta"):
-            if getattr(self, key) < 0:
-                raise TeskdError(f"method.{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("width", "depth"):
-            if getattr(self, key) < 1:
-                raise TeskdError(f"method.{key} must be >= 1, got {getattr(self, key)}")
+        self.require(positive=["temperature"], non_negative=["alpha", "beta"], at_least={"width": 1, "depth": 1})
 
 
 @register_method

@@ -49,11 +49,7 @@ class KDParams(MethodParams):
                              "teacher.safetensors of the pretrained teacher")
         if self.teacher_checkpoint not in ("best", "last"):
             raise TeskdError(f"method.teacher_checkpoint must be best or last, got {self.teacher_checkpoint!r}")
-        if self.temperature <= 0:
-            raise TeskdError(f"method.temperature must be > 0, got {self.temperature}")
-        for key in ("ce_weight", "kd_weight"):
-            if getattr(self, key) < 0:
-                raise TeskdError(f"method.{key} must be >= 0, got {getattr(self, key)}")
+        self.require(positive=["temperature"], non_negative=["ce_weight", "kd_weight"])
 
 
 def hinton_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

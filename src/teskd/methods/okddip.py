@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from teskd.config import MethodParams
-from teskd.errors import TeskdError
 from teskd.losses import kd_kl
 from teskd.losses import sigmoid_ramp
 from teskd.methods.base import Method, StepOutput, register_method
@@ -84,15 +83,8 @@ class OkddipParams(MethodParams):
     proj_factor: int = 8  # the projections map C -> max(1, C // proj_factor)
 
     def validate(self) -> None:
-        if self.num_peers < 1:
-            raise TeskdError(f"method.num_peers must be >= 1, got {self.num_peers}")
-        if self.temperature <= 0:
-            raise TeskdError(f"method.temperature must be > 0, got {self.temperature}")
-        if self.proj_factor < 1:
-            raise TeskdError(f"method.proj_factor must be >= 1, got {self.proj_factor}")
-        for key in ("alpha", "ramp_epochs", "kl_eps"):
-            if getattr(self, key) < 0:
-                raise TeskdError(f"method.{key} must be >= 0, got {getattr(self, key)}")
+        self.require(positive=["temperature"], non_negative=["alpha", "ramp_epochs", "kl_eps"],
+                     at_least={"num_peers": 1, "proj_factor": 1})
 
 
 @register_method

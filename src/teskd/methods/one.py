@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from teskd.config import MethodParams
-from teskd.errors import TeskdError
 from teskd.losses import kd_kl
 from teskd.losses import sigmoid_ramp
 from teskd.methods.base import Method, StepOutput, register_method
@@ -108,13 +107,7 @@ class OneParams(MethodParams):
     kl_eps: float = 1e-7  # added to the ensemble's softened probabilities (official)
 
     def validate(self) -> None:
-        if self.num_branches < 2:
-            raise TeskdError(f"method.num_branches must be >= 2, got {self.num_branches}")
-        if self.temperature <= 0:
-            raise TeskdError(f"method.temperature must be > 0, got {self.temperature}")
-        for key in ("ramp_epochs", "kl_eps"):
-            if getattr(self, key) < 0:
-                raise TeskdError(f"method.{key} must be >= 0, got {getattr(self, key)}")
+        self.require(positive=["temperature"], non_negative=["ramp_epochs", "kl_eps"], at_least={"num_branches": 2})
 
 
 @register_method

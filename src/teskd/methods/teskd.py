@@ -53,11 +53,8 @@ class TeskdParams(MethodParams):
     checkpoint_students: bool = False
 
     def validate(self) -> None:
-        if self.temperature <= 0:
-            raise TeskdError(f"method.temperature must be > 0, got {self.temperature}")
-        for key in ("ce_weight", "kd_weight", "feat_weight", "kl_eps", "kd_ramp_epochs"):
-            if getattr(self, key) < 0:
-                raise TeskdError(f"method.{key} must be >= 0, got {getattr(self, key)}")
+        self.require(positive=["temperature"],
+                     non_negative=["ce_weight", "kd_weight", "feat_weight", "kl_eps", "kd_ramp_epochs"])
         if not self.levels or len(set(self.levels)) != len(self.levels) or any(
                 lvl not in LEVELS for lvl in self.levels):
             raise TeskdError(f"method.levels must be distinct student levels among {list(LEVELS)}, "
