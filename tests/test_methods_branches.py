@@ -15,7 +15,8 @@ from teskd.methods import METHODS
 from teskd.losses import sigmoid_ramp
 from teskd.methods.frskd import attention_map, attention_transfer, soft_kl
 from teskd.methods.okddip import okddip_loss, peer_targets
-from teskd.methods.one import gated_ensemble, one_loss, pooled, run_branch, shared_trunk
+from teskd.methods._auxiliary import pooled
+from teskd.methods.one import gated_ensemble, one_loss, run_branch, shared_trunk
 from teskd.models import build_backbone
 
 from conftest import REPO

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from teskd.errors import TeskdError
-from teskd.models.backbones._layers import init_conv_bn
 from teskd.models.backbones.base import StageInfo
 
 
@@ -34,12 +33,6 @@ def check_stage_size(stage_info: Sequence[StageInfo], stage: int, input_size: in
     if size < kernel:
         raise TeskdError(f"{what} reads stage {stage} ({size}x{size} px at input size {input_size}) with a "
                          f"{kernel}x{kernel} convolution; use larger images")
-
-
-def init_auxiliary(module: nn.Module) -> None:
-    """The reference codes' init for their extra modules: He (fan-out) normal convs (bias 0), BN 1 / 0;
-    Linear layers keep PyTorch's default."""
-    init_conv_bn(module)
 
 
 def pooled(x: torch.Tensor) -> torch.Tensor:

@@ -43,8 +43,9 @@ from torch import nn
 from teskd.config import MethodParams
 from teskd.errors import TeskdError
 from teskd.losses import masked_feature_l2
-from teskd.methods._auxiliary import check_stage_size, exit_name, init_auxiliary, pooled, stage_ratio
+from teskd.methods._auxiliary import check_stage_size, exit_name, pooled, stage_ratio
 from teskd.methods.base import Method, StepOutput, register_method
+from teskd.models.backbones._layers import init_conv_bn
 from teskd.models.backbones.base import StageInfo
 
 EXIT_TYPES = ("bottleneck", "sepconv")
@@ -143,7 +144,7 @@ class BYOT(Method):
             else:
                 self.exits[exit_name(stage)] = SepConvExit(info, stage)
             self.heads[exit_name(stage)] = nn.Linear(width, num_classes)
-        init_auxiliary(self.exits)
+        init_conv_bn(self.exits)  # the reference code's init; Linear layers keep PyTorch's
 
     def _branches(self, images: torch.Tensor):
         stages = self.backbone.forward_stages(images)

@@ -41,9 +41,9 @@ from torch import nn
 
 from teskd.config import MethodParams
 from teskd.errors import TeskdError
-from teskd.methods._auxiliary import exit_name, init_auxiliary, pooled, stage_ratio
+from teskd.methods._auxiliary import exit_name, pooled, stage_ratio
 from teskd.methods.base import Method, StepOutput, register_method
-from teskd.models.backbones._layers import BasicBlock, Bottleneck
+from teskd.models.backbones._layers import BasicBlock, Bottleneck, init_conv_bn
 from teskd.models.backbones.base import StageInfo
 
 REPLICA_BLOCKS = ("auto", "basic", "bottleneck")
@@ -126,7 +126,7 @@ class DKS(Method):
                                     for s in self.exit_stages})
         self.heads = nn.ModuleDict({exit_name(s): nn.Linear(info[-1].channels, num_classes)
                                     for s in self.exit_stages})
-        init_auxiliary(self.exits)
+        init_conv_bn(self.exits)  # the reference code's init; Linear layers keep PyTorch's
 
     def _branches(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         stages = self.backbone.forward_stages(images)

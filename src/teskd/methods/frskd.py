@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from teskd.config import MethodParams
+from teskd.methods._auxiliary import pooled
 from teskd.methods.base import Method, StepOutput, register_method
 
 
@@ -147,7 +148,7 @@ class SelfTeacher(nn.Module):
                 fused = w[0] * F.relu(lat2[k - 1]) + w[1] * down
             out.append(self.down_conv[k - 1](fused))
         out = [F.relu(o) for o in out]
-        logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(out[-1], 1), 1))
+        logits = self.fc(pooled(out[-1]))
         return out, logits
 
 

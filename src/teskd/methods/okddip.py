@@ -43,8 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from teskd.config import MethodParams
-from teskd.losses import kd_kl
-from teskd.losses import sigmoid_ramp
+from teskd.losses import kd_kl, sigmoid_ramp
 from teskd.methods.base import Method, StepOutput, register_method
 from teskd.methods.one import fresh_copy, last_stage_and_head, run_branch, shared_trunk
 

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from teskd.config import MethodParams
-from teskd.losses import kd_kl
-from teskd.losses import sigmoid_ramp
+from teskd.losses import kd_kl, sigmoid_ramp
+from teskd.methods._auxiliary import pooled
 from teskd.methods.base import Method, StepOutput, register_method
 
 
@@ -67,11 +67,6 @@ def shared_trunk(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     for info in backbone.stage_info[:-1]:
         x = getattr(backbone, info.module)(x)
     return x
-
-
-def pooled(x: torch.Tensor) -> torch.Tensor:
-    """Global average pool to (B, C)."""
-    return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 
 def run_branch(stage: nn.Module, head: nn.Module, t3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
