@@ -47,3 +47,21 @@ def randomize_bn(module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(n, generator=g) * 0.1)
                 m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+
+
+IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette-mini"
+
+
+def train_imagenette(out: Path, eval_resize: int = 36) -> Path:
+    """A 1-epoch, 1/16-width ImageNet-style run on the real imagenette-mini JPEGs at 32 px (skipped if absent)."""
+    from teskd.cli import main
+
+    if not (IMAGENETTE / "train").is_dir():
+        pytest.skip(f"imagenette-mini not found at {IMAGENETTE} (see ../shared/data/README.md)")
+    args = [f"data.root={IMAGENETTE}", "data.image_size=32", f"data.eval_resize={eval_resize}",
+            "data.subset_per_class=2", "data.test_subset_per_class=2", "data.batch_size=10", "data.workers=0",
+            "model.width_mult=0.0625", "train.epochs=1", "schedule.warmup_epochs=0", "train.progress=false",
+            "train.threads=1"]
+    config = str(REPO / "configs" / "imagefolder" / "small_resnet18_teskd.yaml")
+    assert main(["train", config, *args, "--out", str(out)]) == 0
+    return out

@@ -51,7 +51,7 @@ def test_info_names_each_methods_branches_and_what_it_deploys(capsys, name, bran
     (["train", CONFIG, "train.epochs=x"], "error: config key 'train.epochs': expected int, got 'x'"),
     (["train", "nope.yaml"], "error: config file not found: nope.yaml"),
     (["train", CONFIG, "data.root=/nonexistent/cifar", "train.progress=false"], "/nonexistent/cifar"),
-    (["eval", "/nonexistent/run"], "error: no such run directory or checkpoint: /nonexistent/run"),
+    (["eval", "/nonexistent/run"], "error: no such run directory, checkpoint or export: /nonexistent/run"),
     (["train", "--resume", "/nonexistent/run"], "error: cannot resume"),
     (["info", CONFIG, "model.arch=resnet1000"], "resnet1000"),
     (["train", CONFIG, "train.amp=fp16", "train.device=cpu"], "error: train.amp=fp16 needs a CUDA device"),

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from teskd.config import load_config
 from teskd.build import build_model
-from teskd.export import export_teacher
+from teskd.deploy.safetensors_format import export_teacher
 from teskd.models import build_backbone, list_backbones
 
 PAPER_ARCHS = {"resnet18", "resnet34", "resnet50", "seresnet18", "seresnet34", "seresnet50",

@@ -79,8 +79,9 @@ def test_eval_text_says_subset_size_and_absolute_folder(capsys, run, data_root, 
     assert lines[0] == f"checkpoint {run / 'checkpoints' / 'last.pt'} (epoch 1, resnet18/teskd)"
     assert lines[1] == (f"evaluated on cifar100: a subset of the test split, 100 of 300 images (first 1 test "
                         f"image of each class; --full for all), read from {data_root.resolve()}")
-    assert lines[2].split() == ["branch", "top-1", "top-5"]
-    assert [line.split()[0] for line in lines[3:]] == ["teacher", "student1", "student2", "student3",
+    assert lines[2] == "precision: float32"  # evaluation's default, whatever train.amp says
+    assert lines[3].split() == ["branch", "top-1", "top-5"]
+    assert [line.split()[0] for line in lines[4:]] == ["teacher", "student1", "student2", "student3",
                                                        "students_ensemble"]
 
 
@@ -132,7 +133,7 @@ def test_deployed_teacher_text_output(capsys, run, data_root):
     assert lines[0] == f"deployed teacher {run / 'teacher.safetensors'} (resnet18, width_mult 0.125, 100 classes)"
     assert lines[1] == (f"evaluated on cifar100: the full test split, 300 images (all test images), "
                         f"read from {data_root.resolve()}")
-    assert [line.split()[0] for line in lines[3:]] == ["teacher"]
+    assert [line.split()[0] for line in lines[4:]] == ["teacher"]
 
 
 def _one_line_error(capsys, *argv) -> str:

@@ -9,22 +9,14 @@ import torch
 from teskd.cli import main
 from teskd.engine.checkpoint import load_checkpoint
 
-from conftest import REPO
+from conftest import IMAGENETTE, REPO, train_imagenette
 
-IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette-mini"
 CONFIG = str(REPO / "configs" / "imagefolder" / "small_resnet18_teskd.yaml")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    if not (IMAGENETTE / "train").is_dir():
-        pytest.skip(f"imagenette-mini not found at {IMAGENETTE} (see ../shared/data/README.md)")
-    out = tmp_path_factory.mktemp("folder") / "run"
-    args = [f"data.root={IMAGENETTE}", "data.image_size=32", "data.eval_resize=36", "data.subset_per_class=2",
-            "data.test_subset_per_class=2", "data.batch_size=10", "data.workers=0", "model.width_mult=0.0625",
-            "train.epochs=1", "schedule.warmup_epochs=0", "train.progress=false", "train.threads=1"]
-    assert main(["train", CONFIG, *args, "--out", str(out)]) == 0
-    return out
+    return train_imagenette(tmp_path_factory.mktemp("folder") / "run")
 
 
 def test_image_folder_run_records_the_folders_classes(run):

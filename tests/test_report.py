@@ -423,3 +423,10 @@ def test_no_delta_vs_ce_for_a_group_without_a_finished_seed(tmp_path, capsys):
     code, out, err = report(capsys, ce, teskd, "--format", "json")
     groups = {g["method"]: g for g in json.loads(out)}
     assert groups["teskd"]["delta_vs_ce"] is None and groups["teskd"]["top1_last_mean"] == 5.0
+
+
+def test_watching_a_run_is_not_a_setting_but_evaluation_precision_is():
+    from teskd.report import is_operational
+
+    assert is_operational("train.tensorboard")  # TensorBoard on or off computes the same run
+    assert not is_operational("train.eval_amp")  # autocast evaluation can change the reported accuracy

@@ -1,4 +1,4 @@
-"""Command line: ``teskd train | eval | info | import-official | report | sweep | bench``."""
+"""Command line: ``teskd train | eval | export | predict | info | import-official | report | curves | sweep | bench``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from teskd import __version__
@@ -25,56 +24,19 @@ def _cmd_train(args) -> int:
 
 
 def _train(args) -> int:
-    from teskd.config import load_config
-    from teskd.engine import distributed
-    from teskd.engine.rundir import RunDir
-    from teskd.engine.trainer import Trainer
-    from teskd.log import log
+    from teskd.launch import train_run
 
-    run = None
+    out = args.out
     if args.resume:
-        run = RunDir(args.resume)
         if args.config is not None and "=" in args.config:  # `teskd train --resume RUN k=v`
             args.overrides.insert(0, args.config)
             args.config = None
-        if args.overwrite:
-            raise TeskdError("--resume and --overwrite contradict each other; pass one of them")
-        if args.out is not None and Path(args.out) != run.path:
-            raise TeskdError(f"--resume {run.path} and --out {args.out} name different run directories")
-        if run.config.is_file():
-            cfg = load_config(run.config, args.overrides)
-        elif args.config is None:
-            what = "no such run directory" if not run.path.exists() else \
-                f"it has no {run.config.name}, so it is not a teskd run directory"
-            raise TeskdError(f"cannot resume {run.path}: {what} (to start it when it does not exist yet, as a "
-                             f"requeued job does, pass the config too: teskd train CONFIG --resume {run.path})")
-        else:  # `teskd train CONFIG --resume RUN`: idempotent requeue; this run has not written its config yet
-            if run.path.exists() and not run.path.is_dir():
-                raise TeskdError(f"--resume {run.path} is an existing file, not a run directory")
-            if run.foreign_entries():
-                run.check_replaceable()  # raises: never adopt a folder of someone else's files
-            print(f"{run.path} has no {run.config.name} yet: starting it from {args.config}", flush=True)
-            cfg = load_config(args.config, args.overrides)
-    else:
-        if args.config is None:
-            raise TeskdError("teskd train needs a CONFIG file (or --resume RUN_DIR)")
-        cfg = load_config(args.config, args.overrides)
-        stem = Path(args.config).stem
-        run = RunDir(args.out if args.out else Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if run.path.exists() and not run.path.is_dir():
-            raise TeskdError(f"--out {run.path} is an existing file, not a run directory; choose another --out")
-        if not run.is_empty():
-            if not args.overwrite:
-                raise TeskdError(f"run directory {run.path} already exists and is not empty; "
-                                 f"use --resume {run.path} to continue it or --overwrite to replace it")
-            run.check_replaceable()  # a teskd run and nothing else; it is replaced only once the new run starts
-    distributed.barrier()  # every rank has checked the folder before any rank writes to it
-    log.info(f"run directory: {run.path}")
-    trainer = Trainer(cfg, run.path, resume=bool(args.resume), overwrite=bool(args.overwrite))
-    summary = trainer.run()
-    log.info(f"done: {trainer.method.deploy_branch} top-1 last {summary['teacher_top1_last']:.2f}%, "
-             f"best {summary['teacher_top1_best']:.2f}% (epoch {summary['best_epoch']}, "
-             f"selected on {summary['selected_on']}); deployable weights: {run.teacher}")
+        if args.out is not None and Path(args.out) != Path(args.resume):
+            raise TeskdError(f"--resume {args.resume} and --out {args.out} name different run directories")
+        out = args.resume
+    elif args.config is None:
+        raise TeskdError("teskd train needs a CONFIG file (or --resume RUN_DIR)")
+    train_run(args.config, args.overrides, out=out, resume=bool(args.resume), overwrite=bool(args.overwrite))
     return 0
 
 
@@ -92,9 +54,50 @@ def _cmd_eval(args) -> int:
         else:
             print(f"checkpoint {result['checkpoint']} (epoch {result['epoch']}, {result['arch']}/{result['method']})")
         print(f"evaluated on {describe_data(result)}")
+        print(f"precision: {result['precision']}")
         print(f"{'branch':<20} {'top-1':>7} {'top-5':>7}")
         for name, acc in result["accuracy"].items():
             print(f"{name:<20} {acc['top1']:7.2f} {acc['top5']:7.2f}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from teskd.deploy.export import export
+
+    r = export(args.target, args.format, args.out, which=args.checkpoint, opset=args.opset,
+               overwrite=args.overwrite, bound=args.bound)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    source = f"{r['source']}" + (f" (epoch {r['epoch']})" if r["epoch"] is not None else "")
+    print(f"exported {r['arch']} ({r['num_classes']} classes, {r['input_size']} px input) from {source}")
+    print(f"wrote {r['out']} ({r['format']}, {r['bytes'] / 1e6:.2f} MB)")
+    check = "identical outputs" if r["bound"] == 0 else f"bound {r['bound']:g}"
+    print(f"verified: max abs difference of the logits vs PyTorch {r['max_abs_diff']:.3g} ({check})")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from teskd.deploy.source import load_deployed
+    from teskd.deploy.predict import format_predictions, predict
+
+    deployed = load_deployed(args.model, args.checkpoint)
+    device = "cpu"
+    if args.device != "cpu" and deployed.kind in ("checkpoint", "safetensors"):
+        from teskd.engine.runtime import resolve_device
+
+        device = resolve_device(args.device)
+    pred = predict(deployed, args.images, topk=args.topk, batch_size=args.batch_size, device=device,
+                   progress=not args.json and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps({"model": str(deployed.source), "results": pred.results,
+                          "skipped": [{"file": f, "error": e} for f, e in pred.skipped]}, indent=2))
+    elif pred.results:
+        print(format_predictions(pred))
+    for path, why in pred.skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    if not pred.results:
+        raise TeskdError(f"none of the {len(pred.skipped)} image file(s) could be read")
     return 0
 
 
@@ -145,6 +148,24 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_curves(args) -> int:
+    from teskd.curves import plot_run
+
+    if args.out is not None and len(args.runs) > 1:
+        raise TeskdError(f"--out names one file: pass a single run directory with it (got {len(args.runs)})")
+    if len(args.runs) == 1:
+        print(plot_run(Path(args.runs[0]), Path(args.out) if args.out else None))
+        return 0
+    failed = 0
+    for run in args.runs:  # several runs (`teskd curves runs/*`): one that cannot be drawn does not stop the rest
+        try:
+            print(plot_run(Path(run)))
+        except TeskdError as exc:
+            failed += 1
+            print(f"skipped {run}: {exc}", file=sys.stderr)
+    return 2 if failed else 0
+
+
 def _cmd_sweep(args) -> int:
     from teskd.sweep import sweep_command
 
@@ -179,6 +200,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("export", help="write the deployed network alone (safetensors, onnx, pt2, torchvision), "
+                                      "verified against PyTorch")
+    p.add_argument("target", help="run directory, checkpoint .pt, or teacher .safetensors")
+    p.add_argument("--format", choices=["safetensors", "onnx", "pt2", "torchvision"], default="safetensors",
+                   help="safetensors (weights + metadata; default), onnx (needs teskd[export]), pt2 (torch.export), "
+                        "torchvision (plain state dict of the ImageNet ResNets)")
+    p.add_argument("--out", help="output file (default ./<run>-teacher[-best].<ext>)")
+    p.add_argument("--checkpoint", choices=["last", "best"], default="last",
+                   help="which checkpoint of a run directory (default last)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--bound", type=float,
+                   help="largest accepted |logit difference| vs PyTorch for onnx/pt2 (default 1e-4)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a teskd export")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("predict", help="classify image files with a run, checkpoint or export")
+    p.add_argument("model", help="run directory, checkpoint .pt, or export (.safetensors, .onnx, .pt2)")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...) or folders (searched recursively)")
+    p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--checkpoint", choices=["last", "best"], default="last",
+                   help="which checkpoint of a run directory (default last)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N (.onnx and .pt2 exports run on the CPU)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_predict)
+
     p = sub.add_parser("info", help="parameters and multiply-adds for training and deployment")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -212,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also draw the groups' and runs' curves into PNG (.png is appended if missing; the path "
                         "is printed)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("curves", help="redraw RUN/curves.png (test top-1 per branch, loss parts) from metrics.jsonl")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("--out", metavar="PNG", help="write here instead of RUN_DIR/curves.png (one run directory only)")
+    p.set_defaults(func=_cmd_curves)
 
     p = sub.add_parser("sweep", help="train a grid of runs (variants x grid x seeds) from a sweep YAML file")
     p.add_argument("file", help="the sweep file (see README: Sweeps)")

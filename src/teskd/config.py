@@ -76,6 +76,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    eval_amp: bool = False  # evaluate under train.amp's autocast too; default: float32, as the official code
     deterministic: bool = False
     channels_last: bool = True  # NHWC memory format: faster convolutions on CPUs and GPUs, same function
     compile: bool = False  # torch.compile the training and evaluation steps
@@ -85,6 +86,7 @@ class TrainConfig:
     sync_bn: bool = False  # with several processes: BatchNorm statistics over the global batch (GPU only)
     # also save last.pt every N minutes inside an epoch; null: 30 for image folders, off for in-memory data
     checkpoint_minutes: float | None = None
+    tensorboard: bool = False  # also write TensorBoard event files to RUN/tensorboard (pip install 'teskd[tensorboard]')
 
 
 @dataclass

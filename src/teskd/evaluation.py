@@ -16,26 +16,10 @@ from torch import nn
 from teskd.config import Config, DataConfig, from_dict, resolve_data_root
 from teskd.data.pipeline import class_count, input_size
 from teskd.engine import runtime
+from teskd.deploy.source import checkpoint_path
 from teskd.engine.checkpoint import load_checkpoint, load_model_weights
 from teskd.engine.evaluate import evaluate
 from teskd.errors import TeskdError
-
-# The metadata ``export_teacher`` writes into teacher.safetensors.
-TEACHER_METADATA = ("arch", "num_classes", "width_mult")
-
-
-def _resolve_checkpoint(target: Path, which: str) -> Path:
-    if target.is_dir():
-        path = target / "checkpoints" / f"{which}.pt"
-        if not path.is_file():
-            hint = (f"; to evaluate its deployable weights: teskd eval {target / 'teacher.safetensors'}"
-                    if (target / "teacher.safetensors").is_file() else " (is it a teskd run directory?)")
-            raise TeskdError(f"{target} has no checkpoints/{which}.pt{hint}")
-        return path
-    if not target.exists():
-        raise TeskdError(f"no such run directory or checkpoint: {target}")
-    return target
-
 
 # --- what is evaluated -------------------------------------------------------------------------
 
@@ -110,11 +94,11 @@ def evaluate_checkpoint(target: Path, overrides=(), which: str = "last", split: 
     """Per-branch top-1/top-5 of a run directory's checkpoint (or a ``.pt`` file), with its config."""
     from teskd.build import build_model
 
-    path = _resolve_checkpoint(Path(target), which)
+    path = checkpoint_path(Path(target), which)
     state = load_checkpoint(path)
     cfg: Config = from_dict(state["config"], _full_overrides(overrides, split, full))
     device = runtime.resolve_device(cfg.train.device)
-    amp = runtime.resolve_amp(cfg.train.amp, device)
+    amp = runtime.resolve_eval_amp(cfg.train, device)
     num_classes = class_count(cfg.data)
     if num_classes != state["num_classes"]:
         raise TeskdError(f"checkpoint {path} was trained for {state['num_classes']} classes, "
@@ -127,7 +111,7 @@ def evaluate_checkpoint(target: Path, overrides=(), which: str = "last", split: 
         acc = evaluate(model, loader, device, amp, channels_last=cfg.train.channels_last,
                        progress=cfg.train.progress, desc=split)
     return {"kind": "checkpoint", "checkpoint": str(path), "epoch": state["epoch"], "arch": cfg.model.arch,
-            "method": cfg.method.name, **info, "accuracy": acc}
+            "method": cfg.method.name, **info, "precision": runtime.precision_name(amp), "accuracy": acc}
 
 
 # --- deployed teachers (teacher.safetensors) ----------------------------------------------------
@@ -146,38 +130,16 @@ class DeployedTeacher(nn.Module):
 
 def load_teacher(path: Path) -> tuple[nn.Module, dict]:
     """The backbone stored in a ``teacher.safetensors`` (metadata arch/num_classes/width_mult), loaded strictly."""
-    from safetensors import SafetensorError, safe_open
-
-    from teskd.models import build_backbone
+    from teskd.deploy.source import load_deployed
 
     path = Path(path)
-    if not path.is_file():
+    if path.suffix != ".safetensors" or not path.is_file():
         raise TeskdError(f"no such teacher weights file: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            weights = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        raise TeskdError(f"cannot read {path}: not a valid safetensors file ({detail[:200]})") from exc
-    missing = [k for k in TEACHER_METADATA if k not in meta]
-    if missing:
-        raise TeskdError(f"{path} lacks the metadata {', '.join(missing)} that teskd writes with the weights "
-                         f"(arch, num_classes, width_mult); it was not exported by teskd train or import-official")
-    try:
-        num_classes, width_mult = int(meta["num_classes"]), float(meta["width_mult"])
-    except ValueError as exc:
-        raise TeskdError(f"{path}: bad metadata num_classes={meta['num_classes']!r} "
-                         f"width_mult={meta['width_mult']!r} (expected an integer and a number)") from exc
-    if num_classes < 1 or not (0 < width_mult < float("inf")):
-        raise TeskdError(f"{path}: bad metadata num_classes={num_classes} width_mult={width_mult} "
-                         f"(expected a positive class count and a positive finite width)")
-    backbone = build_backbone(meta["arch"], num_classes, width_mult)
-    what = f"{meta['arch']} (width_mult {width_mult:g}, {num_classes} classes)"
-    load_model_weights(backbone, weights, f"{path} does not match {what}")
-    info = {"arch": meta["arch"], "num_classes": num_classes, "width_mult": width_mult,
-            "trained_on": meta.get("dataset"), "teskd_version": meta.get("teskd_version")}
-    return backbone, info
+    deployed = load_deployed(path)
+    i = deployed.info
+    return deployed.model, {"arch": i.arch, "num_classes": i.num_classes, "width_mult": i.width_mult,
+                            "trained_on": i.dataset, "teskd_version": i.teskd_version,
+                            "input_size": i.input_size, "resize": i.resize}
 
 
 def evaluate_teacher(path: Path, overrides=(), split: str = "test", full: bool = False) -> dict:
@@ -189,20 +151,27 @@ def evaluate_teacher(path: Path, overrides=(), split: str = "test", full: bool =
     if split != "test":
         raise TeskdError("a teacher .safetensors is evaluated on the test split only; the validation split "
                          "is defined by a run's config (evaluate the run directory with --split val)")
+    from teskd.data.registry import DATASETS
+
     backbone, meta = load_teacher(Path(path))
+    sizes = {"input_size": meta.pop("input_size"), "resize": meta.pop("resize")}
     base = {"data": {"dataset": meta["trained_on"]}} if meta["trained_on"] else {}
+    if meta["trained_on"] in DATASETS.names() and DATASETS.get(meta["trained_on"]).build_splits is not None:
+        # image folders: evaluate with the sizes the network was trained for (overrides may still change them)
+        base["data"].update(image_size=sizes["input_size"], eval_resize=sizes["resize"])
     cfg: Config = from_dict(base, _full_overrides(overrides, split, full))
     if class_count(cfg.data) != meta["num_classes"]:
         raise TeskdError(f"{path} has a {meta['num_classes']}-class head, but {cfg.data.dataset} has "
                          f"{class_count(cfg.data)} classes (set data.dataset=...)")
     device = runtime.resolve_device(cfg.train.device)
-    amp = runtime.resolve_amp(cfg.train.amp, device)
+    amp = runtime.resolve_eval_amp(cfg.train, device)
     loader, info = load_eval_split(cfg.data, split, device)
     with runtime.settings(cfg.train, device):
         _, model = runtime.prepare_model(DeployedTeacher(backbone), cfg.train, device)
         acc = evaluate(model, loader, device, amp, channels_last=cfg.train.channels_last,
                        progress=cfg.train.progress, desc=split)
-    return {"kind": "teacher", "checkpoint": str(path), "epoch": None, **meta, **info, "accuracy": acc}
+    return {"kind": "teacher", "checkpoint": str(path), "epoch": None, **meta, **info,
+            "precision": runtime.precision_name(amp), "accuracy": acc}
 
 
 def evaluate_target(target: Path, overrides=(), which: str = "last", split: str = "test",

@@ -120,7 +120,7 @@ def import_official(path: Path, arch: str, out: Path, overrides=()) -> Path:
     from teskd.config import load_config, resolve_data_root, save_config, to_dict
     from teskd.data.registry import get_dataset_spec
     from teskd.engine.checkpoint import save_checkpoint
-    from teskd.export import export_teacher
+    from teskd.deploy.safetensors_format import export_teacher
 
     check_arch(arch)  # first: no other message makes sense for an architecture that does not exist
     out = Path(out)

@@ -269,7 +269,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
 # Keys that never split runs into groups: the seed (a group's runs are its seeds) and settings that change
 # where or how fast a run goes, not what it computes.
 OPERATIONAL_KEYS = frozenset({"train.seed", "data.root", "train.threads", "train.progress", "train.device",
-                              "data.workers", "data.eval_batch_size"})
+                              "data.workers", "data.eval_batch_size", "train.tensorboard"})
 OPERATIONAL_PREFIXES = ("train.checkpoint_",)
 OWN_COLUMNS = ("data.dataset", "model.arch", "model.width_mult", "method.name")  # shown in columns of their own
 _UNSET = object()  # a key one run's config.yaml lacks

@@ -116,7 +116,7 @@ def list_images(root: Path, split: str, classes: list[str], name: str) -> ImageF
     return ImageFiles(str(folder), names, labels, classes)
 
 
-_SOURCE_LINE = re.compile(r"^[\w.]+, \S+\.(?:cpp|h):\d+, ")  # torchvision's "decode_jpeg, <file>:<line>, "
+SOURCE_LINE = re.compile(r"^[\w.]+, \S+\.(?:cpp|h):\d+, ")  # torchvision's "decode_jpeg, <file>:<line>, "
 _DEPRECATED = "The image decoding and encoding capabilities of TorchVision are deprecated"
 
 
@@ -154,7 +154,7 @@ class FolderImages(Dataset):
         try:
             return decode_rgb(torch.from_numpy(np.fromfile(path, dtype=np.uint8))), label
         except (RuntimeError, OSError, ValueError) as err:
-            text = _SOURCE_LINE.sub("", " ".join(str(err).split()))
+            text = SOURCE_LINE.sub("", " ".join(str(err).split()))
             return BadSample(path, text or type(err).__name__), label
 
 

@@ -9,6 +9,8 @@ Layout::
     checkpoints/best.pt    the epoch with the best teacher top-1 on val (or test without val)
     teacher.safetensors    the deployable backbone only (written at the end)
     summary.json           headline numbers (written at the end)
+    curves.png             test top-1 per branch and the loss parts per epoch (written at the end)
+    tensorboard/events.out.tfevents.*   with train.tensorboard=true: the epoch records as TensorBoard events
     .teskd.lock            held (flock) by the one process writing the run
 
 Only files teskd writes are ever removed: ``--overwrite`` refuses a folder holding anything
@@ -17,6 +19,7 @@ else, and a run's own temporary files are removed only by the process holding it
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -35,8 +38,12 @@ SUMMARY = "summary.json"
 TEACHER = "teacher.safetensors"
 CHECKPOINTS = "checkpoints"
 LOCK = ".teskd.lock"
+CURVES = "curves.png"
+TENSORBOARD = "tensorboard"
+EVENTS_PREFIX = "events.out.tfevents."  # the names TensorBoard's writer gives its files
 _CHECKPOINT_FILES = ("last.pt", "last.prev.pt", "best.pt")
-_TOP_FILES = (CONFIG, METRICS, SUMMARY, TEACHER, LOCK)
+_TOP_FILES = (CONFIG, METRICS, SUMMARY, TEACHER, CURVES, LOCK)
+_OWN_FOLDERS = (CHECKPOINTS, TENSORBOARD)
 
 
 class RunDir:
@@ -47,6 +54,8 @@ class RunDir:
     metrics = property(lambda self: self.path / METRICS)
     summary = property(lambda self: self.path / SUMMARY)
     teacher = property(lambda self: self.path / TEACHER)
+    curves = property(lambda self: self.path / CURVES)
+    tensorboard = property(lambda self: self.path / TENSORBOARD)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
     last = property(lambda self: self.path / CHECKPOINTS / "last.pt")
     best = property(lambda self: self.path / CHECKPOINTS / "best.pt")
@@ -62,7 +71,7 @@ class RunDir:
         return name.startswith(".") and name.endswith(".tmp")
 
     def _is_own_top(self, entry: Path) -> bool:
-        if entry.name == CHECKPOINTS:
+        if entry.name in _OWN_FOLDERS:
             return entry.is_dir() and not entry.is_symlink()
         return entry.is_file() and not entry.is_symlink() and (entry.name in _TOP_FILES or self._is_temp(entry.name))
 
@@ -74,6 +83,10 @@ class RunDir:
         return (name in _CHECKPOINT_FILES or (name.endswith(".sha256") and name[:-7] in _CHECKPOINT_FILES)
                 or cls._is_temp(name))
 
+    @staticmethod
+    def _is_own_event_file(entry: Path) -> bool:
+        return entry.name.startswith(EVENTS_PREFIX) and entry.is_file() and not entry.is_symlink()
+
     def foreign_entries(self) -> list[str]:
         """Names in the folder that a teskd run does not write (what ``--overwrite`` must not delete)."""
         if not self.path.is_dir():
@@ -82,6 +95,9 @@ class RunDir:
         if self.checkpoints.is_dir() and not self.checkpoints.is_symlink():
             foreign += [f"{CHECKPOINTS}/{e.name}" for e in sorted(self.checkpoints.iterdir())
                         if not self._is_own_checkpoint_file(e)]
+        if self.tensorboard.is_dir() and not self.tensorboard.is_symlink():
+            foreign += [f"{TENSORBOARD}/{e.name}" for e in sorted(self.tensorboard.iterdir())
+                        if not self._is_own_event_file(e)]
         return foreign
 
     def is_empty(self) -> bool:
@@ -102,12 +118,18 @@ class RunDir:
 
     def clear(self) -> None:
         """Remove a previous run's files (caller holds the lock and has called ``check_replaceable``)."""
-        for name in (SUMMARY, TEACHER, METRICS, CONFIG):
+        for name in (SUMMARY, CURVES, TEACHER, METRICS, CONFIG):
             fileio.remove(self.path / name)
         if self.checkpoints.is_dir():
             for entry in self.checkpoints.iterdir():
                 if self._is_own_checkpoint_file(entry):
                     fileio.remove(entry)
+        if self.tensorboard.is_dir() and not self.tensorboard.is_symlink():
+            for entry in self.tensorboard.iterdir():
+                if self._is_own_event_file(entry):
+                    fileio.remove(entry)
+            with contextlib.suppress(OSError):  # left in place if anything else is (still) inside
+                self.tensorboard.rmdir()
         self.remove_orphans()
 
     def remove_orphans(self) -> None:

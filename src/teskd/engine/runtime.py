@@ -38,6 +38,17 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
+def resolve_eval_amp(train_cfg, device: torch.device) -> torch.dtype | None:
+    """Evaluation's autocast dtype: None (float32, as the official code evaluates) unless ``train.eval_amp``,
+    then ``train.amp``'s."""
+    return resolve_amp(train_cfg.amp, device) if train_cfg.eval_amp else None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``float32``, or e.g. ``bfloat16 autocast``: what summaries and eval results record."""
+    return "float32" if dtype is None else f"{str(dtype).replace('torch.', '')} autocast"
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()

@@ -8,6 +8,7 @@ import torch
 
 from teskd.errors import TeskdError
 from teskd.data.pipeline import input_size
+from teskd.engine.runtime import precision_name
 from teskd.models import count_macs, count_params
 
 
@@ -43,6 +44,7 @@ def summarise(trainer, records: list[dict]) -> dict:
         "train_hours": seconds / 3600,
         "device": str(trainer.device),
         "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "off",
+        "eval_precision": precision_name(trainer.eval_amp_dtype),
         "torch": torch.__version__,
     }
     if has_val:

@@ -14,6 +14,7 @@ import torch
 from teskd import __version__, fileio
 from teskd.build import build_model
 from teskd.config import Config, expand_path, resolve_data_root, to_dict
+from teskd.curves import plot_curves, run_title
 from teskd.data.memory_loader import InMemoryLoader
 from teskd.data.pipeline import build_data
 from teskd.engine import distributed, runtime
@@ -27,8 +28,9 @@ from teskd.engine.schedule import lr_factor
 from teskd.engine.signals import Interrupted, stop_on_signals
 from teskd.engine.step import Optimization, make_optimizer
 from teskd.engine.summary import summarise
-from teskd.errors import TeskdError
-from teskd.export import export_teacher
+from teskd.engine.tensorboard import TensorBoardLog, summary_writer_class
+from teskd.errors import TeskdError, one_line
+from teskd.deploy.safetensors_format import export_teacher
 from teskd.log import log
 
 
@@ -51,8 +53,11 @@ class Trainer:
         self.rundir = RunDir(run_dir)
         self.run_dir = self.rundir.path
         tc = cfg.train
+        if tc.tensorboard and distributed.is_primary():
+            summary_writer_class()  # a missing tensorboard fails here: before the data, the model or the folder
         self.device = runtime.resolve_device(tc.device)
         self.amp_dtype = runtime.resolve_amp(tc.amp, self.device)
+        self.eval_amp_dtype = runtime.resolve_eval_amp(tc, self.device)  # None: float32 evaluation
         self.world = distributed.world_size()
         with runtime.settings(tc, self.device):
             runtime.seed_everything(tc.seed)
@@ -84,6 +89,7 @@ class Trainer:
         self.best = {"epoch": 0, "score": -1.0}
         self.train_seconds = 0.0
         self.train_images = 0
+        self.tensorboard: TensorBoardLog | None = None  # open during run() with train.tensorboard (primary rank)
 
     # --- state -----------------------------------------------------------------------------
 
@@ -147,10 +153,12 @@ class Trainer:
 
     def run(self) -> dict:
         lock = RunLock(self.rundir) if distributed.is_primary() else contextlib.nullcontext()
-        with lock, runtime.settings(self.cfg.train, self.device), stop_on_signals(self):
+        with lock, runtime.settings(self.cfg.train, self.device), stop_on_signals(self), \
+                contextlib.ExitStack() as closing:  # the event writer closes however the run ends
             self.checkpointer.lock = lock if distributed.is_primary() else None
             runtime.set_rng_state(self._rng)
             self._start()
+            self.tensorboard = self._open_tensorboard(closing)
             epochs = self.cfg.train.epochs
             if self.start_epoch >= epochs:
                 log.info(f"run already finished {self.start_epoch}/{epochs} epochs; writing artifacts")
@@ -182,6 +190,13 @@ class Trainer:
                 self.checkpointer.repair_best(state, used)
         distributed.barrier()
 
+    def _open_tensorboard(self, closing: contextlib.ExitStack) -> TensorBoardLog | None:
+        if not (self.cfg.train.tensorboard and distributed.is_primary()):
+            return None
+        # a resume redoes the epochs after its checkpoint: drop their events from a killed process
+        purge = self.start_epoch + 1 if self.resume else None
+        return closing.enter_context(TensorBoardLog(self.rundir.tensorboard, purge_step=purge))
+
     def _prepare_folder(self) -> None:
         if self.overwrite:
             self.rundir.clear()
@@ -205,6 +220,8 @@ class Trainer:
         self.checkpointer.check_run_dir()
         if distributed.is_primary():
             self.metrics.append(record)
+            if self.tensorboard is not None:
+                self.tensorboard.log_epoch(record)
         self.checkpointer.save(self.state_dict(epoch + 1), best=improved)
         self._print_epoch(record)
 
@@ -312,7 +329,7 @@ class Trainer:
         return record
 
     def evaluate_epoch(self) -> dict:
-        kw = dict(device=self.device, amp_dtype=self.amp_dtype, channels_last=self.cfg.train.channels_last,
+        kw = dict(device=self.device, amp_dtype=self.eval_amp_dtype, channels_last=self.cfg.train.channels_last,
                   progress=self.cfg.train.progress and distributed.is_primary())
         result = {}
         if self.data.val is not None:
@@ -334,12 +351,22 @@ class Trainer:
     # --- end of run ------------------------------------------------------------------------
 
     def finish(self) -> dict:
-        summary = summarise(self, self.metrics.read())
+        records = self.metrics.read()
+        summary = summarise(self, records)
         if distributed.is_primary():
             self.checkpointer.check_run_dir()
             export_teacher(self.method, self.rundir.teacher, self.cfg, self.data.num_classes, self.data.classes)
             fileio.atomic_write_text(self.rundir.summary, json.dumps(summary, indent=2) + "\n")
+            self._draw_curves(records)
         return summary
+
+    def _draw_curves(self, records: list[dict]) -> None:
+        """RUN/curves.png. Never fails the run: the weights and the summary are what matter."""
+        try:
+            plot_curves(records, self.rundir.curves, run_title(self.run_dir.resolve().name, to_dict(self.cfg)),
+                        self.method.deploy_branch)
+        except Exception as exc:  # noqa: BLE001  (matplotlib missing or failing, a full disk, ...)
+            log.info(f"curves.png not written ({one_line(exc, 200)}); draw it later: teskd curves {self.run_dir}")
 
 
 def _config_yaml(cfg: Config) -> str:

@@ -62,53 +62,19 @@ def hinton_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean() * (t * t)
 
 
-def _model_fields(config: object, path: Path) -> tuple[str, float]:
-    """(arch, width_mult) from a checkpoint's config mapping."""
-    model = config.get("model") if isinstance(config, dict) else None
-    arch = model.get("arch") if isinstance(model, dict) else None
-    width = model.get("width_mult", 1.0) if isinstance(model, dict) else None
-    if not isinstance(arch, str) or isinstance(width, bool) or not isinstance(width, (int, float)) \
-            or not 0 < float(width) < float("inf"):
-        raise TeskdError(f"teacher checkpoint {path} has no usable model.arch / model.width_mult in its config")
-    return arch, float(width)
-
-
 def load_pretrained_teacher(target: str, which: str, num_classes: int) -> tuple[nn.Module, str]:
     """The deployed network of a run directory, checkpoint or teacher.safetensors; returns (module, description)."""
-    from teskd.engine.checkpoint import load_checkpoint, load_model_weights
-    from teskd.evaluation import load_teacher
-    from teskd.models import build_backbone
+    from teskd.deploy.source import load_deployed
 
     path = Path(target).expanduser()
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise TeskdError(f"method.teacher: no such teacher weights file: {path}")
-        backbone, info = load_teacher(path)
-        arch, width, classes = info["arch"], info["width_mult"], info["num_classes"]
-    else:
-        if path.is_dir():
-            ckpt = path / "checkpoints" / f"{which}.pt"
-            if not ckpt.is_file():
-                raise TeskdError(f"method.teacher: {path} has no checkpoints/{which}.pt (is it a teskd run "
-                                 f"directory? a teacher.safetensors path works too)")
-            path = ckpt
-        elif not path.is_file():
-            raise TeskdError(f"method.teacher: no such run directory, checkpoint or teacher.safetensors: {path}")
-        state = load_checkpoint(path)
-        arch, width = _model_fields(state["config"], path)
-        prefix = "backbone."
-        weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
-        if not weights:
-            raise TeskdError(f"teacher checkpoint {path} holds no backbone weights")
-        head = [v for k, v in weights.items() if k.endswith(".weight") and v.dim() == 2]
-        classes = state.get("num_classes") or (int(head[-1].shape[0]) if head else num_classes)
-        if classes == num_classes:
-            backbone = build_backbone(arch, num_classes, width)
-            load_model_weights(backbone, weights, f"teacher checkpoint {path} does not match {arch} "
-                                                  f"(width_mult {width:g})")
-    if classes != num_classes:
-        raise TeskdError(f"method.teacher {path} predicts {classes} classes, but the data has {num_classes}")
-    return backbone, f"{arch} (width_mult {width:g}) from {path}"
+    if path.suffix.lower() in (".onnx", ".pt2"):
+        raise TeskdError(f"method.teacher {path}: a compiled {path.suffix[1:]} export cannot be loaded as a "
+                         f"network here; give its run directory, a checkpoint .pt or a teacher.safetensors")
+    deployed = load_deployed(path, which)
+    info = deployed.info
+    if info.num_classes != num_classes:
+        raise TeskdError(f"method.teacher {path} predicts {info.num_classes} classes, but the data has {num_classes}")
+    return deployed.model, f"{info.arch} (width_mult {info.width_mult:g}) from {deployed.source}"
 
 
 @register_method

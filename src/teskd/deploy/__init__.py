@@ -1,0 +1,1 @@
+"""Getting the deployed network out of a run: export formats, loading, preprocessing."""

@@ -1,0 +1,126 @@
+"""What a deployer needs beside the weights: how to rebuild the network and how to feed it.
+
+Stored as string key/values in every export (safetensors header, ONNX ``metadata_props``, a
+JSON file inside a ``.pt2``), so an export alone is enough to rebuild and use the network.
+Preprocessing: resize the shorter side to ``resize`` (bilinear, antialiased), centre-crop
+``input_size``, scale to [0, 1], normalise with ``mean``/``std`` — what evaluation does with
+image folders; for CIFAR-size data ``resize == input_size``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+from teskd.errors import TeskdError
+
+# the keys every teskd export has (older teacher.safetensors files have exactly these three plus extras)
+REQUIRED = ("arch", "num_classes", "width_mult")
+
+
+@dataclass(frozen=True)
+class DeployInfo:
+    arch: str
+    num_classes: int
+    width_mult: float = 1.0
+    input_size: int = 32  # the square crop the network sees
+    resize: int = 32  # the shorter side before the centre crop
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    classes: tuple[str, ...] | None = None  # names in label order; None: unknown (labels shown as numbers)
+    dataset: str | None = None
+    config_hash: str | None = None  # sha256 of the training config (see config_hash)
+    teskd_version: str | None = None
+
+    def class_name(self, label: int) -> str:
+        return self.classes[label] if self.classes else str(label)
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {"arch": self.arch, "num_classes": str(self.num_classes), "width_mult": repr(self.width_mult),
+                "image_size": str(self.input_size), "resize": str(self.resize),
+                "mean": ",".join(map(repr, self.mean)), "std": ",".join(map(repr, self.std))}
+        optional = {"classes": json.dumps(list(self.classes), ensure_ascii=False) if self.classes else None,
+                    "dataset": self.dataset, "config_hash": self.config_hash, "teskd_version": self.teskd_version}
+        meta.update({k: v for k, v in optional.items() if v is not None})
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], source: str) -> DeployInfo:
+        """Parse and validate; ``source`` (a path) names the file in the one-line errors."""
+        missing = [k for k in REQUIRED if k not in meta]
+        if missing:
+            raise TeskdError(f"{source} lacks the metadata {', '.join(missing)} that teskd writes with the weights "
+                             f"(arch, num_classes, width_mult); it was not exported by teskd")
+
+        def number(key: str, kind, default=None):
+            if key not in meta:
+                return default
+            try:
+                value = kind(meta[key])
+            except ValueError:
+                raise TeskdError(f"{source}: bad metadata {key}={meta[key]!r} (expected a {kind.__name__})") from None
+            if not (0 < value < math.inf):
+                raise TeskdError(f"{source}: bad metadata {key}={meta[key]!r} (expected a positive finite number)")
+            return value
+
+        def triple(key: str, default):
+            if key not in meta:
+                return default
+            try:
+                values = tuple(float(x) for x in meta[key].split(","))
+            except ValueError:
+                values = ()
+            if len(values) != 3 or not all(math.isfinite(x) for x in values) or (key == "std" and min(values) <= 0):
+                raise TeskdError(f"{source}: bad metadata {key}={meta[key]!r} (expected three numbers)")
+            return values
+
+        num_classes = number("num_classes", int)
+        size = number("image_size", int, 32)
+        classes = None
+        if meta.get("classes"):
+            try:
+                classes = json.loads(meta["classes"])
+            except ValueError:
+                classes = None
+            if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+                    and len(classes) == num_classes):
+                raise TeskdError(f"{source}: bad metadata classes (expected a JSON list of {num_classes} names)")
+        info = cls(arch=meta["arch"], num_classes=num_classes, width_mult=number("width_mult", float),
+                   input_size=size, resize=number("resize", int, size), mean=triple("mean", cls.mean),
+                   std=triple("std", cls.std), classes=tuple(classes) if classes else None,
+                   dataset=meta.get("dataset"), config_hash=meta.get("config_hash"),
+                   teskd_version=meta.get("teskd_version"))
+        if info.resize < info.input_size:
+            raise TeskdError(f"{source}: bad metadata resize={info.resize} < image_size={info.input_size}")
+        return info
+
+    @classmethod
+    def from_config(cls, cfg, num_classes: int, classes=None) -> DeployInfo:
+        """What a run of ``cfg`` deploys: its backbone, the dataset's evaluation preprocessing."""
+        from teskd import __version__
+        from teskd.data.pipeline import input_size
+        from teskd.data.registry import get_dataset_spec
+
+        spec = get_dataset_spec(cfg.data.dataset)
+        size = input_size(cfg.data)
+        resize = size
+        if spec.build_splits is not None:  # image folders: evaluation resizes, then centre-crops
+            from teskd.data.imagefolder import image_sizes
+
+            size, resize = image_sizes(cfg.data, spec)
+        return cls(arch=cfg.model.arch, num_classes=num_classes, width_mult=float(cfg.model.width_mult),
+                   input_size=size, resize=resize, mean=tuple(spec.mean), std=tuple(spec.std),
+                   classes=tuple(classes) if classes else None, dataset=cfg.data.dataset,
+                   config_hash=config_hash(cfg), teskd_version=__version__)
+
+
+def config_hash(cfg) -> str:
+    """sha256 of the config's canonical JSON: the same settings give the same hash on any machine
+    (``data.root`` is left out: where the data lay is not a setting of the model)."""
+    from teskd.config import to_dict
+
+    settings = to_dict(cfg)
+    settings.get("data", {}).pop("root", None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()

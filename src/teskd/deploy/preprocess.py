@@ -1,0 +1,58 @@
+"""The evaluation preprocessing a deployed network was trained with, for any image a user has.
+
+Exactly the pipeline of teskd's evaluation (shorter side resized, centre crop, ``(x/255 - mean)/std``),
+built from the same functions, so a prediction on a saved test image equals the evaluated one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from teskd.deploy.metadata import DeployInfo
+from teskd.errors import TeskdError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # what predict picks from a folder
+
+
+def read_image(path: Path | str) -> torch.Tensor:
+    """A PNG/JPEG (or GIF/WebP) file -> uint8 (3, H, W) RGB; unreadable -> one-line TeskdError naming it."""
+    from teskd.data.imagefolder import SOURCE_LINE, decode_rgb
+
+    try:
+        return decode_rgb(torch.from_numpy(np.fromfile(str(path), dtype=np.uint8)))
+    except (RuntimeError, OSError, ValueError) as exc:
+        text = SOURCE_LINE.sub("", " ".join(str(exc).split()))  # torchvision's C++ source location: noise
+        detail = text.split(". ")[0][:200] or type(exc).__name__
+        raise TeskdError(f"cannot read image {path}: {detail}") from exc
+
+
+class Preprocess:
+    """``preprocess(image) -> float32 (3, S, S)``; ``image``: a path, a PIL image, or a uint8 (3, H, W) tensor."""
+
+    def __init__(self, info: DeployInfo):
+        from teskd.data.imagefolder import eval_transform
+
+        self.info = info
+        self.crop = eval_transform(info.input_size, info.resize)
+
+    def __call__(self, image) -> torch.Tensor:
+        from teskd.data.augment import normalize
+
+        if isinstance(image, (str, Path)):
+            image = read_image(image)
+        elif not isinstance(image, torch.Tensor):  # a PIL image (or anything PIL-like)
+            from torchvision.transforms.v2.functional import pil_to_tensor
+
+            image = pil_to_tensor(image.convert("RGB"))
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise TeskdError(f"preprocess expects an RGB uint8 (3, H, W) image, got {image.dtype} "
+                             f"{tuple(image.shape)}")
+        return normalize(self.crop(image), self.info.mean, self.info.std)
+
+    def __repr__(self) -> str:
+        i = self.info
+        return (f"Preprocess(resize shorter side to {i.resize}, centre crop {i.input_size}, "
+                f"mean={i.mean}, std={i.std})")

@@ -1,0 +1,110 @@
+"""The deployed network of anything teskd writes: a run folder, a checkpoint, or an export.
+
+One entry point, :func:`load_deployed`, so ``export``, ``predict``, ``eval`` and :func:`teskd.load`
+accept the same things. Nothing loaded here runs code from the file: checkpoints are read with
+``weights_only=True``, safetensors hold tensors and strings only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from teskd.deploy.metadata import DeployInfo
+from teskd.errors import TeskdError
+
+# every method keeps the network it ships as ``method.backbone`` (see Method.deploy_module)
+DEPLOY_PREFIX = "backbone."
+EXPORT_SUFFIXES = (".safetensors", ".onnx", ".pt2")
+
+
+@dataclass
+class Deployed:
+    model: nn.Module  # the deployed network in eval mode: images -> logits
+    info: DeployInfo
+    source: Path  # the file the weights came from
+    kind: str  # "checkpoint" | "safetensors" | "onnx" | "pt2"
+    epoch: int | None = None  # a checkpoint's finished epochs
+
+
+def build_deployed(weights: dict[str, torch.Tensor], info: DeployInfo, what: str) -> nn.Module:
+    """The plain backbone of ``info`` with ``weights`` loaded strictly, in eval mode."""
+    from teskd.engine.checkpoint import load_model_weights
+    from teskd.models import build_backbone
+
+    try:
+        backbone = build_backbone(info.arch, info.num_classes, info.width_mult)
+    except TeskdError as exc:
+        raise TeskdError(f"{what}: {exc}") from exc
+    load_model_weights(backbone, weights, f"{what} does not match {info.arch} (width_mult {info.width_mult:g}, "
+                                          f"{info.num_classes} classes)")
+    return backbone.eval()
+
+
+def checkpoint_path(target: Path, which: str = "last") -> Path:
+    """A run folder's ``checkpoints/<which>.pt``, or ``target`` itself when it is a file."""
+    if which not in ("last", "best"):
+        raise TeskdError(f"unknown checkpoint {which!r}; expected last or best")
+    if not target.is_dir():
+        if not target.exists():
+            raise TeskdError(f"no such run directory, checkpoint or export: {target}")
+        return target
+    path = target / "checkpoints" / f"{which}.pt"
+    if not path.is_file():
+        hint = (f"; its deployed weights alone: {target / 'teacher.safetensors'}"
+                if (target / "teacher.safetensors").is_file() else " (is it a teskd run directory?)")
+        raise TeskdError(f"{target} has no checkpoints/{which}.pt{hint}")
+    return path
+
+
+def from_checkpoint(path: Path) -> Deployed:
+    """The deployed network of a teskd checkpoint (only its ``backbone.*`` weights are used, so methods whose
+    helpers need other files, such as KD's teacher, load without them)."""
+    from teskd.config import from_dict
+    from teskd.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    try:
+        cfg = from_dict(state["config"], [])
+    except TeskdError as exc:
+        raise TeskdError(f"checkpoint {path} has an unusable config ({exc})") from exc
+    weights = {k[len(DEPLOY_PREFIX):]: v for k, v in state["model"].items() if k.startswith(DEPLOY_PREFIX)}
+    if not weights:
+        raise TeskdError(f"checkpoint {path} holds no {DEPLOY_PREFIX}* weights (the deployed network)")
+    num_classes = state.get("num_classes")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        heads = [v for k, v in weights.items() if k.endswith(".weight") and v.dim() == 2]
+        if not heads:
+            raise TeskdError(f"checkpoint {path} does not say how many classes its network predicts")
+        num_classes = int(heads[-1].shape[0])
+    classes = state.get("classes") or None
+    if classes is not None and (len(classes) != num_classes or not all(isinstance(c, str) for c in classes)):
+        classes = None  # names that do not fit the head are not shown rather than shown wrong
+    info = DeployInfo.from_config(cfg, num_classes, classes)
+    model = build_deployed(weights, info, f"checkpoint {path}")
+    return Deployed(model, info, path, "checkpoint", state.get("epoch"))
+
+
+def load_deployed(target: Path | str, which: str = "last") -> Deployed:
+    """A run folder (its ``checkpoints/<which>.pt``), a ``.pt`` checkpoint, or a ``.safetensors``, ``.onnx``
+    or ``.pt2`` export."""
+    target = Path(target).expanduser()
+    suffix = target.suffix.lower()
+    if suffix in EXPORT_SUFFIXES and not target.is_file():
+        raise TeskdError(f"no such export file: {target}")
+    if suffix == ".safetensors":
+        from teskd.deploy.safetensors_format import read_safetensors
+
+        weights, info = read_safetensors(target)
+        return Deployed(build_deployed(weights, info, str(target)), info, target, "safetensors")
+    if suffix in (".onnx", ".pt2"):
+        if suffix == ".onnx":
+            from teskd.deploy.onnx_format import load_onnx as load
+        else:
+            from teskd.deploy.pt2_format import load_pt2 as load
+        model, meta = load(target)
+        return Deployed(model, DeployInfo.from_metadata(meta, str(target)), target, suffix[1:])
+    return from_checkpoint(checkpoint_path(target, which))
