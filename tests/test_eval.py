@@ -181,7 +181,7 @@ def test_run_without_checkpoints_points_at_its_teacher(capsys, tmp_path):
     folder.mkdir()
     (folder / "teacher.safetensors").write_bytes(b"")
     err = _one_line_error(capsys, str(folder))
-    assert f"teskd eval {folder / 'teacher.safetensors'}" in err
+    assert f"its deployed weights alone: {folder / 'teacher.safetensors'}" in err
 
 
 def test_validation_split_is_described(data_root):
