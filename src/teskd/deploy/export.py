@@ -88,18 +88,16 @@ def _write(model: torch.nn.Module, info: DeployInfo, fmt: str, out: Path, opset:
 
         export_pt2(model, info.input_size, out, meta)
         return load_pt2(out)[0]
+    import io
+
     from teskd import fileio
 
     twin = _torchvision_twin(info)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     twin.load_state_dict(state, strict=True)  # proves the layout before anything is written
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        torch.save(state, tmp)
-        fileio.replace(tmp, out)
-    except Exception as exc:
-        tmp.unlink(missing_ok=True)
-        raise TeskdError(f"could not write {out}: {fileio.describe_os_error(exc, out)}") from exc
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    fileio.atomic_write_bytes(out, buffer.getvalue())  # the project's one atomic write (fsync, kill points)
     twin.load_state_dict(torch.load(out, map_location="cpu", weights_only=True), strict=True)
     return twin.eval()
 
