@@ -147,8 +147,7 @@ class BYOT(Method):
         init_conv_bn(self.exits)  # the reference code's init; Linear layers keep PyTorch's
 
     def _branches(self, images: torch.Tensor):
-        stages = self.backbone.forward_stages(images)
-        logits, feature = self.backbone.forward_head(stages[-1])
+        stages, logits, feature = self.backbone.forward_features(images)
         exits = {}
         for stage in EXIT_STAGES:
             name = exit_name(stage)

@@ -129,8 +129,8 @@ class DKS(Method):
         init_conv_bn(self.exits)  # the reference code's init; Linear layers keep PyTorch's
 
     def _branches(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        stages = self.backbone.forward_stages(images)
-        out = {"teacher": self.backbone.forward_head(stages[-1])[0]}
+        stages, logits, _ = self.backbone.forward_features(images)
+        out = {"teacher": logits}
         for s in self.exit_stages:
             out[exit_name(s)] = self.heads[exit_name(s)](pooled(self.exits[exit_name(s)](stages[s - 1])))
         return out

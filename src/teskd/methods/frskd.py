@@ -176,8 +176,7 @@ class FRSKD(Method):
                                         width=params.width, depth=params.depth)
 
     def _branches(self, images: torch.Tensor):
-        stages = self.backbone.forward_stages(images)
-        logits, _ = self.backbone.forward_head(stages[-1])
+        stages, logits, _ = self.backbone.forward_features(images)
         feats = [F.relu(s) for s in stages]  # post-ReLU (already so on every backbone here)
         st_feats, st_logits = self.self_teacher(feats)
         return logits, feats, st_logits, st_feats

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from teskd.config import MethodParams
+from teskd.errors import TeskdError
 from teskd.losses import kd_kl, sigmoid_ramp
 from teskd.methods._auxiliary import pooled
 from teskd.methods.base import Method, StepOutput, register_method
@@ -58,6 +59,10 @@ def fresh_copy(module: nn.Module, init: Callable[[nn.Module], None] | None = Non
 
 def last_stage_and_head(backbone: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The backbone's stage-4 module and its head module (the templates of the extra branches)."""
+    if not getattr(backbone, "splittable", True):
+        raise TeskdError(f"{getattr(backbone, 'arch', type(backbone).__name__)} runs as one library network, "
+                         f"so its stage 4 and head cannot be copied into branches (ONE, OKDDip); use a method "
+                         f"that reads stage maps (teskd, byot, dks, frskd) or plain ones (ce, kd, dml, ...)")
     return getattr(backbone, backbone.stage_info[-1].module), getattr(backbone, backbone.head_name)
 
 

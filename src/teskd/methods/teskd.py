@@ -118,8 +118,7 @@ class TESKD(Method):
                                  f"set method.feature_loss=false or matching widths")
 
     def _branches(self, images: torch.Tensor):
-        stages = self.backbone.forward_stages(images)
-        logits_t, feat_t = self.backbone.forward_head(stages[-1])
+        stages, logits_t, feat_t = self.backbone.forward_features(images)
         if self.params.checkpoint_students and self.training and torch.is_grad_enabled():
             students = checkpoint(self.students, stages, use_reentrant=False,
                                   context_fn=lambda: (nullcontext(), restore_bn_buffers(self.students)))

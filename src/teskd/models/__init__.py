@@ -4,7 +4,7 @@ from teskd.models.backbones import resnet as _resnet  # noqa: F401  (registers t
 from teskd.models.backbones import resnet_imagenet as _resnet_imagenet  # noqa: F401  (the ImageNet ResNets)
 from teskd.models.backbones import senet as _senet, resnext as _resnext  # noqa: F401
 from teskd.models.backbones import vgg as _vgg  # noqa: F401
-from teskd.models.backbones.base import Backbone, StageInfo
+from teskd.models.backbones.base import Backbone, Features, StageInfo
 from teskd.models.complexity import count_macs, count_params
 from teskd.models.registry import build_backbone, list_backbones, register_backbone
 from teskd.models.students import LEVELS, HierarchicalStudents
@@ -12,6 +12,7 @@ from teskd.models.students import LEVELS, HierarchicalStudents
 __all__ = [
     "LEVELS",
     "Backbone",
+    "Features",
     "HierarchicalStudents",
     "StageInfo",
     "build_backbone",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -18,6 +18,14 @@ class StageInfo:
     module: str  # the name of the backbone's child module that outputs it
 
 
+class Features(NamedTuple):
+    """One forward pass of a backbone, as the methods read it."""
+
+    stages: list[torch.Tensor]  # T1..T4, shallow to deep
+    logits: torch.Tensor  # the deployed network's output
+    feature: torch.Tensor  # the pooled feature, (B, num_features)
+
+
 class Backbone(nn.Module):
     """A 4-stage CNN classifier that knows nothing about students.
 
@@ -25,12 +33,16 @@ class Backbone(nn.Module):
     (the size of the pooled feature fed to the head ``head_name``) and implement
     ``forward_stem``; the default ``forward_stages`` runs the stem, then each stage
     module in turn. ``forward`` returns logits only, so the module (and its state
-    dict) is exactly what gets deployed.
+    dict) is exactly what gets deployed. Methods read a whole pass through
+    ``forward_features``; only methods that copy or re-run stage 4 (ONE, OKDDip) call the
+    stage modules themselves, which needs ``splittable`` (a wrapped library network runs
+    whole, see ``library.py``).
     """
 
     stage_info: tuple[StageInfo, ...]
     num_features: int
     head_name: str = "fc"
+    splittable: ClassVar[bool] = True  # stem, stage modules and head can be called one by one
     # the family's official weight initialisation (None: PyTorch's defaults); the official
     # training models apply it to every module they hold, so it is exposed for reuse
     weight_init: ClassVar[Callable[[nn.Module], None] | None] = None
@@ -50,6 +62,12 @@ class Backbone(nn.Module):
         """Return ``(logits, pooled_feature)``; the feature has shape (B, num_features)."""
         feature = torch.flatten(nn.functional.adaptive_avg_pool2d(t4, 1), 1)
         return getattr(self, self.head_name)(feature), feature
+
+    def forward_features(self, x: torch.Tensor) -> Features:
+        """The stage maps, the logits and the pooled feature of one pass."""
+        stages = self.forward_stages(x)
+        logits, feature = self.forward_head(stages[-1])
+        return Features(stages, logits, feature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_stages(x)[-1])[0]
