@@ -217,6 +217,9 @@ def model_info(cfg: Config) -> dict:
         branches = list(method.eval()(torch.zeros(shape, device="meta")))
     info["deployed"] = f"{cfg.model.arch} (branch {method.deploy_branch!r}); helpers dropped at export"
     info["branches"] = ", ".join(branches)
+    if hasattr(method, "describe_students"):  # TESKD: what the students (and feature projections) cost
+        info["students"] = method.describe_students()
+        info["params_students"] = method.student_param_count()
     executed = count_macs(method, shape, forward=forward)
     if executed != info["macs_train"]:
         info["macs_train_executed"] = executed  # after the exact rewrites of the fast students

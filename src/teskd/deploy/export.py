@@ -62,9 +62,11 @@ def _check_out(out: Path, fmt: str, overwrite: bool) -> None:
 def _torchvision_twin(info: DeployInfo) -> torch.nn.Module:
     import torchvision
 
+    if info.arch.startswith("tv:"):  # a torchvision network trained as itself
+        return torchvision.models.get_model(info.arch[3:], weights=None, num_classes=info.num_classes)
     name = TORCHVISION_ARCHS.get(info.arch)
     if name is None or info.width_mult != 1.0:
-        raise TeskdError(f"--format torchvision is for the ImageNet ResNets at width 1.0 "
+        raise TeskdError(f"--format torchvision is for tv:NAME networks and the ImageNet ResNets at width 1.0 "
                          f"({', '.join(TORCHVISION_ARCHS)}); this network is {info.arch} at width_mult "
                          f"{info.width_mult:g} (use safetensors, onnx or pt2)")
     return getattr(torchvision.models, name)(num_classes=info.num_classes)

@@ -49,6 +49,8 @@ class Trainer:
         for name in cfg.method.path_fields:
             if getattr(cfg.method, name):
                 setattr(cfg.method, name, str(expand_path(getattr(cfg.method, name)).absolute()))
+        if cfg.model.pretrained:
+            cfg.model.pretrained = str(expand_path(cfg.model.pretrained).absolute())
         self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
         self.rundir = RunDir(run_dir)
         self.run_dir = self.rundir.path
@@ -63,7 +65,7 @@ class Trainer:
             runtime.seed_everything(tc.seed)
             self.data = build_data(_per_rank(cfg.data, self.world), self.device, tc.seed, rank=distributed.rank(),
                                    world_size=self.world)
-            method = build_model(cfg, self.data.num_classes)
+            method = build_model(cfg, self.data.num_classes, pretrained=True)
             if method.batch_pairing == "same_class":
                 self.data.train.pair_same_class()
             elif method.batch_pairing is not None:

@@ -50,11 +50,11 @@ class DMLParams(MethodParams):
             raise TeskdError(f"method.peer_width_mult must be > 0 (or null for the model's), got "
                              f"{self.peer_width_mult}")
         if self.peer_arch is not None:
-            from teskd.models.registry import BACKBONES
+            from teskd.models.registry import BACKBONES, is_known_arch
 
-            if self.peer_arch not in BACKBONES:
+            if not is_known_arch(self.peer_arch):
                 raise TeskdError(f"method.peer_arch: unknown architecture {self.peer_arch!r}; known: "
-                                 f"{', '.join(BACKBONES.names())}")
+                                 f"{', '.join(BACKBONES.names())}, or tv:NAME / timm:NAME")
 
 
 def mutual_kl(logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:

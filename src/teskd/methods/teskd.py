@@ -5,6 +5,10 @@ Loss (official code, spec section 3), with teacher logits z_t and student logits
     ce_weight * [w_t CE(z_t) + sum_k w_k CE(z_k)]
   + kd_weight * sum_k T^2 KL(softmax(z_t/T) + eps || softmax(z_k/T))     (z_t not detached by default)
   + feat_weight * sum_k sum (f_k - sg(f_t))^2 [f_k > 0 or f_t > 0]
+
+where f_k is student k's pooled feature, or, when its width differs from the teacher's feature
+size (``student_width`` not faithful), its projection P_k f_k by a bias-free linear map
+(``projections["student<k>"]``, trained with the students, not deployed; ``feature_projection``).
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from teskd.config import MethodParams
 from teskd.errors import TeskdError
 from teskd.losses import kd_kl, masked_feature_l2, sigmoid_ramp
 from teskd.methods.base import Method, StepOutput, register_method
-from teskd.models.students import LEVELS, HierarchicalStudents
+from teskd.models.students import BRANCH_TYPES, LEVELS, WIDTH_PRESETS, HierarchicalStudents, resolve_student_width
 
 KD_DIRECTIONS = ("teacher_to_student", "student_to_teacher")
 
@@ -44,9 +49,17 @@ class TeskdParams(MethodParams):
     # per-branch CE weights; keys "teacher" and "student1".."student3" (missing keys mean 1.0)
     branch_ce_weights: dict[str, float] = field(default_factory=dict)
     levels: list[int] = field(default_factory=lambda: list(LEVELS))  # 1 = shallowest (T1) student
-    # None: the faithful single C = last stage's channels; an int: one width for all;
-    # a mapping {1: C1, 2: C2, 3: C3}: a width per level (all three levels)
-    student_width: int | dict[int, int] | None = None
+    # "faithful": the single C = last stage's channels (the paper); "stage": C_L = the channels of stage
+    # T_L, {1: c1, 2: c2, 3: c3}; an int: one width for all; a mapping {1: C1, 2: C2, 3: C3}: a width per
+    # level (all three levels); None: the backbone's default_student_width ("faithful" for the paper's
+    # backbones, which do not set it)
+    student_width: int | str | dict[int, int] | None = None
+    # the students' auxiliary branch (an ablation): "conv" (the paper's dense k x k stride-k conv + 1x1),
+    # "depthwise" (the k x k conv depthwise), "bottleneck" (1x1 to C/4, k x k at C/4, 1x1 back to C)
+    student_branch: str = "conv"
+    # when the feature loss is on and a requested student's width differs from the teacher's feature size:
+    # compare a bias-free linear projection of the student's feature (trained, not deployed); false: error
+    feature_projection: bool = True
     fast_students: bool = True  # exact faster formulation of the students (students_fast.py)
     # recompute the students' activations in the backward pass instead of keeping them (less memory,
     # ~one extra students forward per step); results are unchanged, BN running statistics included
@@ -69,8 +82,16 @@ class TeskdParams(MethodParams):
         if self.kd_direction not in KD_DIRECTIONS:
             raise TeskdError(f"method.kd_direction must be one of {', '.join(KD_DIRECTIONS)}, "
                              f"got {self.kd_direction!r}")
+        if self.student_branch not in BRANCH_TYPES:
+            raise TeskdError(f"method.student_branch must be one of {', '.join(BRANCH_TYPES)}, "
+                             f"got {self.student_branch!r}")
         widths = self.student_width
-        if isinstance(widths, dict):
+        if isinstance(widths, str):
+            if widths not in WIDTH_PRESETS:
+                raise TeskdError(f"method.student_width must be an int, a mapping {{1: C1, 2: C2, 3: C3}}, null "
+                                 f"or one of {', '.join(WIDTH_PRESETS)}, got {widths!r}")
+            widths = None
+        elif isinstance(widths, dict):
             if sorted(widths) != list(LEVELS):
                 raise TeskdError(f"method.student_width as a mapping needs exactly the levels 1, 2, 3 "
                                  f"(got {sorted(widths)})")
@@ -104,18 +125,27 @@ class TESKD(Method):
 
     def __init__(self, backbone, num_classes: int, params: TeskdParams, input_size: int = 32):
         super().__init__(backbone, num_classes, params, input_size)
+        width = resolve_student_width(params.student_width, backbone.stage_info,
+                                      default=getattr(backbone, "default_student_width", "faithful"))
         # initialised like the backbone, as the official models run their init over every module
-        self.students = HierarchicalStudents(backbone.stage_info, num_classes, width=params.student_width,
+        self.students = HierarchicalStudents(backbone.stage_info, num_classes, width=width,
                                              levels=params.levels, input_size=input_size,
-                                             fast=params.fast_students, init=backbone.weight_init)
+                                             fast=params.fast_students, init=backbone.weight_init,
+                                             branch=params.student_branch)
         self.use_feature_loss = params.feature_loss and params.feat_weight > 0
+        # training-only helpers: student features projected to the teacher's feature size (levels whose
+        # width differs); None when every compared width matches, so the faithful state dict is unchanged
+        self.projections: nn.ModuleDict | None = None
         if self.use_feature_loss:
-            wrong = {lvl: self.students.widths[lvl] for lvl in params.levels
+            wrong = {lvl: self.students.widths[lvl] for lvl in sorted(params.levels)
                      if self.students.widths[lvl] != backbone.num_features}
-            if wrong:
+            if wrong and not params.feature_projection:
                 raise TeskdError(f"the feature loss compares student features with the teacher's "
                                  f"{backbone.num_features}-d feature, but student widths are {wrong}; "
-                                 f"set method.feature_loss=false or matching widths")
+                                 f"set method.feature_projection=true, method.feature_loss=false or matching widths")
+            if wrong:
+                self.projections = nn.ModuleDict({f"student{lvl}": nn.Linear(w, backbone.num_features, bias=False)
+                                                  for lvl, w in wrong.items()})
 
     def _branches(self, images: torch.Tensor):
         stages, logits_t, feat_t = self.backbone.forward_features(images)
@@ -141,12 +171,40 @@ class TESKD(Method):
             else:
                 kd = kd + kd_kl(target_t, logits_s, p.temperature, eps=p.kl_eps)
             if self.use_feature_loss:
+                if self.projections is not None and name in self.projections:
+                    feat_s = self.projections[name](feat_s)
                 feat = feat + masked_feature_l2(feat_s, feat_t)
         kd_weight = p.kd_weight * sigmoid_ramp(self.epoch, p.kd_ramp_epochs)
         parts = {"ce": p.ce_weight * ce, "kd": kd_weight * kd, "feat": p.feat_weight * feat}
         loss = parts["ce"] + parts["kd"] + parts["feat"]
         logits = {"teacher": logits_t, **{name: out[0] for name, out in students.items()}}
         return StepOutput(loss=loss, parts={k: v.detach() for k, v in parts.items()}, logits=logits)
+
+    def student_param_count(self) -> int:
+        """Parameters that train beside the deployed network: the students and the feature projections."""
+        helpers = [self.students] + ([self.projections] if self.projections is not None else [])
+        return sum(p.numel() for module in helpers for p in module.parameters())
+
+    def describe_students(self) -> str:
+        """One line on what the students cost: levels, widths, branch type and kernels, projections, parameters."""
+        s = self.students
+        levels = ",".join(str(lvl) for lvl in s.levels)
+        widths = "/".join(str(s.widths[lvl]) for lvl in LEVELS)
+        kernels = "/".join(str(s.kernels[lvl]) for lvl in s.levels)
+        if not self.use_feature_loss:
+            projection = "no feature loss"
+        elif self.projections is None:
+            projection = "no projection"
+        else:
+            projection = (f"projection to {self.backbone.num_features}-d for "
+                          f"{','.join(self.projections.keys())}")
+        students = sum(p.numel() for p in s.parameters())
+        total = self.student_param_count()
+        count = f"{total:,} parameters"
+        if total != students:
+            count += f" (students {students:,} + projections {total - students:,})"
+        return (f"levels {levels} · widths {widths} (levels 1/2/3) · {s.branch_type} branches (k {kernels}) · "
+                f"branch at stage {s.branch_stage} · {projection} · {count}")
 
     def forward_eval(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         logits_t, _, students = self._branches(images)

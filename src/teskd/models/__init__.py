@@ -6,7 +6,8 @@ from teskd.models.backbones import senet as _senet, resnext as _resnext  # noqa:
 from teskd.models.backbones import vgg as _vgg  # noqa: F401
 from teskd.models.backbones.base import Backbone, Features, StageInfo
 from teskd.models.complexity import count_macs, count_params
-from teskd.models.registry import build_backbone, list_backbones, register_backbone
+from teskd.models.backbones.library import LibraryBackbone, wrap_backbone
+from teskd.models.registry import build_backbone, is_known_arch, list_backbones, register_backbone
 from teskd.models.students import LEVELS, HierarchicalStudents
 
 __all__ = [
@@ -14,10 +15,13 @@ __all__ = [
     "Backbone",
     "Features",
     "HierarchicalStudents",
+    "LibraryBackbone",
     "StageInfo",
     "build_backbone",
     "count_macs",
     "count_params",
+    "is_known_arch",
     "list_backbones",
     "register_backbone",
+    "wrap_backbone",
 ]

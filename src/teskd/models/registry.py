@@ -1,5 +1,7 @@
 """Architecture name -> ``factory(num_classes, width_mult) -> Backbone``, registered with
-``@register_backbone("name")`` in each backbone family's file."""
+``@register_backbone("name")`` in each backbone family's file (or in your code, for your own
+network: see ``wrap_backbone``). Names "tv:NAME" and "timm:NAME" are library networks
+(``library_models.py``) and need no registration."""
 
 from __future__ import annotations
 
@@ -14,8 +16,20 @@ def list_backbones() -> list[str]:
     return BACKBONES.names()
 
 
+def is_known_arch(arch: str) -> bool:
+    """Registered, or a library network name (whose existence is checked when it is built)."""
+    from teskd.models.library_models import is_library_arch
+
+    return is_library_arch(arch) or arch in BACKBONES
+
+
 def build_backbone(arch: str, num_classes: int, width_mult: float = 1.0) -> Backbone:
     """The backbone ``arch`` with a ``num_classes``-way head (the config has validated the numbers)."""
-    backbone = BACKBONES.get(arch)(num_classes, float(width_mult))
+    from teskd.models.library_models import is_library_arch, library_backbone
+
+    if is_library_arch(arch):
+        backbone = library_backbone(arch, num_classes, width_mult)
+    else:
+        backbone = BACKBONES.get(arch)(num_classes, float(width_mult))
     backbone.arch, backbone.width_mult = arch, float(width_mult)  # what built it (e.g. for a DML peer)
     return backbone

@@ -30,6 +30,17 @@ path's width at S4 is C3). Level L's modules then have width C_L, with C4 := C3:
 
 so student L's feature has C_L entries. An int width gives exactly the modules above.
 
+Width presets (``resolve_student_width``): ``"faithful"`` is the single C above (what
+``None`` gives), ``"stage"`` the mapping C_L = channels of T_L, i.e. {1: c1, 2: c2, 3: c3},
+which keeps the students about as wide as the network they read (on mobile networks the
+faithful C, the last stage's width everywhere, dwarfs the network itself).
+
+Branch types (``branch``, an ablation, not in the paper): ``"conv"`` is the faithful
+auxiliary branch below; ``"depthwise"`` (its k x k conv depthwise, C k² instead of C² k²
+weights) and ``"bottleneck"`` (1x1 C -> C/4, k x k stride k at C/4, 1x1 back to C) are
+in ``student_branches.py``. All keep the name ``downsample{L}``, input and output width
+C_L and the head ``fc_b{L}`` = Linear(C_L, classes).
+
 Module names are the official ones, so an official checkpoint's student weights
 load by name (``laterals`` and ``upsample`` are ModuleDicts keyed "0".."3" /
 "0".."2", which gives exactly the state-dict keys of the official ModuleLists)::
@@ -63,10 +74,14 @@ import torch
 from torch import nn
 
 from teskd.models.backbones.base import StageInfo
+from teskd.models.student_branches import BottleneckBranch, DepthwiseBranch
 from teskd.models.students_fast import fast_forward
 
 LEVELS = (1, 2, 3)
+BRANCH_TYPES = ("conv", "depthwise", "bottleneck")  # "conv": the faithful AuxiliaryBranch
+WIDTH_PRESETS = ("faithful", "stage")
 Outputs = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Width = int | Mapping[int, int] | str | None
 
 
 def _layer(index: int) -> property:
@@ -104,6 +119,30 @@ class AuxiliaryBranch(nn.Sequential):
                          nn.Conv2d(width, width, kernel_size=1), nn.BatchNorm2d(width), nn.ReLU())
 
 
+BRANCHES: dict[str, type[nn.Sequential]] = {
+    "conv": AuxiliaryBranch, "depthwise": DepthwiseBranch, "bottleneck": BottleneckBranch}
+
+
+def resolve_student_width(spec: Width, stage_info: Sequence[StageInfo],
+                          default: Width = "faithful") -> int | dict[int, int]:
+    """The students' width(s) from a width specification.
+
+    ``spec``: an int C, a mapping {1: C1, 2: C2, 3: C3}, ``"faithful"`` (C = the last stage's
+    channels), ``"stage"`` (C_L = the channels of stage T_L) or None, which means ``default``
+    (a backbone's ``default_student_width``; "faithful" unless it says otherwise).
+    """
+    if spec is None:
+        spec = "faithful" if default is None else default
+    if isinstance(spec, str):
+        if spec == "faithful":
+            return stage_info[-1].channels
+        if spec == "stage":
+            return {level: stage_info[level - 1].channels for level in LEVELS}
+        raise ValueError(f"unknown student width {spec!r}; choose an int, a mapping {{1: C1, 2: C2, 3: C3}}, "
+                         f"or one of {', '.join(WIDTH_PRESETS)}")
+    return dict(spec) if isinstance(spec, Mapping) else spec
+
+
 def _ratio(deep: StageInfo, shallow: StageInfo, what: str) -> int:
     """reduction(deep) / reduction(shallow), which must be an integer >= 1."""
     if deep.reduction < shallow.reduction or deep.reduction % shallow.reduction != 0:
@@ -123,20 +162,26 @@ def branch_stage(stage_info: Sequence[StageInfo], input_size: int) -> int:
 class HierarchicalStudents(nn.Module):
     """The students' top-down fusion, auxiliary branches and heads (see module docstring).
 
-    ``width``: C, or {1: C1, 2: C2, 3: C3}, or None for the faithful C (the last stage's
-    channels). ``input_size`` (px) sets ``branch_stage``. ``init``, if given, is applied to
+    ``width``: C, or {1: C1, 2: C2, 3: C3}, or a preset ("faithful", "stage"; see
+    ``resolve_student_width``), or None for the faithful C (the last stage's channels).
+    ``branch``: the auxiliary branch type, one of ``BRANCH_TYPES`` ("conv" is the faithful one).
+    ``input_size`` (px) sets ``branch_stage``. ``init``, if given, is applied to
     the built modules (the official VGG and ResNeXt models run their backbone's
     initialisation over the students too). The caller validates levels and widths.
     """
 
     def __init__(self, stage_info: Sequence[StageInfo], num_classes: int,
-                 width: int | Mapping[int, int] | None = None, levels: Sequence[int] = LEVELS,
-                 input_size: int = 32, fast: bool = True, init: Callable[[nn.Module], None] | None = None):
+                 width: Width = None, levels: Sequence[int] = LEVELS,
+                 input_size: int = 32, fast: bool = True, init: Callable[[nn.Module], None] | None = None,
+                 branch: str = "conv"):
         super().__init__()
         if len(stage_info) != 4 or not levels or not set(levels) <= set(LEVELS):
             raise ValueError(f"students need 4 stages and levels among {LEVELS}, got {len(stage_info)} "
                              f"stages and levels {list(levels)}")
-        width = stage_info[-1].channels if width is None else width
+        if branch not in BRANCHES:
+            raise ValueError(f"unknown student branch type {branch!r}; choose one of {', '.join(BRANCH_TYPES)}")
+        self.branch_type = branch
+        width = resolve_student_width(width, stage_info)
         self.widths = dict(width) if isinstance(width, Mapping) else dict.fromkeys(LEVELS, width)
         if sorted(self.widths) != list(LEVELS):
             raise ValueError(f"per-level student widths need exactly the levels {LEVELS}, got {self.widths}")
@@ -164,9 +209,10 @@ class HierarchicalStudents(nn.Module):
         for level in range(lowest, 4):
             self.add_module(f"fuse_{level}", ConvBNReLU(2 * widths[level], widths[level]))
         target = stage_info[self.branch_stage - 1]
+        self.kernels: dict[int, int] = {}  # k of each requested level's branch
         for level in self.levels:
-            kernel = _ratio(target, stage_info[level - 1], f"auxiliary branch of level {level}")
-            self.add_module(f"downsample{level}", AuxiliaryBranch(widths[level], kernel))
+            kernel = self.kernels[level] = _ratio(target, stage_info[level - 1], f"auxiliary branch of level {level}")
+            self.add_module(f"downsample{level}", BRANCHES[self.branch_type](widths[level], kernel))
             self.add_module(f"fc_b{level}", nn.Linear(widths[level], num_classes))
 
     @property
@@ -177,7 +223,7 @@ class HierarchicalStudents(nn.Module):
     def fuse(self, level: int) -> ConvBNReLU:
         return self.get_submodule(f"fuse_{level}")
 
-    def branch(self, level: int) -> AuxiliaryBranch:
+    def branch(self, level: int) -> nn.Sequential:
         return self.get_submodule(f"downsample{level}")
 
     def head(self, level: int) -> nn.Linear:

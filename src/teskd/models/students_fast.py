@@ -13,7 +13,8 @@ outputs and every parameter gradient with the plain reference formulation
    concatenation is materialised, nor the ``U + L`` sum.
 3. **Auxiliary branches**: a k×k convolution with stride k sees non-overlapping patches, so
    it is one matrix product of the (patch, C·k·k) matrix with the weight, instead of a
-   generic strided convolution.
+   generic strided convolution. Only the faithful ("conv") branches are rewritten; the
+   cheaper branch types of ``student_branches.py`` run as they are.
 4. ReLUs run in place (a BN output is not needed by BN's backward).
 """
 
@@ -88,6 +89,8 @@ def fast_forward(students: "HierarchicalStudents",
         above = fused[level] = _fuse(students.fuse(level), up, lateral)
     out = {}
     for level in students.levels:
-        feature = torch.flatten(F.adaptive_avg_pool2d(_branch(students.branch(level), fused[level]), 1), 1)
+        block = students.branch(level)
+        mapped = _branch(block, fused[level]) if students.branch_type == "conv" else block(fused[level])
+        feature = torch.flatten(F.adaptive_avg_pool2d(mapped, 1), 1)
         out[f"student{level}"] = (students.head(level)(feature), feature)
     return out
