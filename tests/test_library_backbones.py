@@ -235,3 +235,16 @@ def test_probe_leaves_the_model_untouched():
     probe_stages(net, "TinyNet")
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in net.modules()) == hooks
+
+
+def test_info_shows_the_discovered_stages_and_the_students_cost():
+    from teskd.evaluation import model_info
+
+    info = model_info(load_config(None, ["model.arch=tv:mobilenet_v3_small"]))
+    assert info["stages"] == ("T1 16ch /4 features.2 input · T2 24ch /8 features.4 input · "
+                              "T3 48ch /16 features.9 input · T4 576ch /32 avgpool input")
+    # the library default: each level as wide as its stage, projected to the 576-d teacher feature
+    assert "widths 16/24/48" in info["students"] and "projection to 576-d" in info["students"]
+    assert info["params_deploy"] == sum(p.numel() for p in _tv("mobilenet_v3_small", 100).parameters())
+    faithful = model_info(load_config(None, ["model.arch=tv:mobilenet_v3_small", "method.student_width=faithful"]))
+    assert "widths 576/576/576" in faithful["students"] and faithful["params_train"] > 8 * info["params_deploy"]

@@ -183,6 +183,14 @@ def evaluate_target(target: Path, overrides=(), which: str = "last", split: str 
     return evaluate_checkpoint(target, overrides, which=which, split=split, full=full)
 
 
+def describe_stages(backbone) -> str:
+    """T1..T4 of a backbone: channels, stride and where they are read (e.g. 'T1 16ch /4 features.2 input')."""
+    taps = getattr(backbone, "taps", None)
+    where = [f"{t.module} {t.where}" for t in taps] if taps else [s.module for s in backbone.stage_info]
+    return " · ".join(f"T{i + 1} {s.channels}ch /{s.reduction} {w}"
+                      for i, (s, w) in enumerate(zip(backbone.stage_info, where)))
+
+
 def model_info(cfg: Config) -> dict:
     """Parameters and multiply-adds per image, for training (all branches) and deployment.
 
@@ -217,6 +225,7 @@ def model_info(cfg: Config) -> dict:
         branches = list(method.eval()(torch.zeros(shape, device="meta")))
     info["deployed"] = f"{cfg.model.arch} (branch {method.deploy_branch!r}); helpers dropped at export"
     info["branches"] = ", ".join(branches)
+    info["stages"] = describe_stages(method.backbone)
     if hasattr(method, "describe_students"):  # TESKD: what the students (and feature projections) cost
         info["students"] = method.describe_students()
         info["params_students"] = method.student_param_count()
