@@ -30,7 +30,9 @@ def test_faithful_configuration_is_the_default():
     p = load_config(None, []).method
     assert (p.name, p.temperature, p.ce_weight, p.kd_weight, p.feat_weight) == ("teskd", 4.0, 0.2, 0.8, 1e-7)
     assert p.detach_teacher is False and p.kd_direction == "teacher_to_student" and p.feature_loss is True
-    assert p.levels == [1, 2, 3] and p.student_width is None and p.branch_ce_weights == {}
+    assert p.levels is None and p.student_width is None and p.branch_ce_weights == {}
+    students = make().students  # None: the paper's networks default to all three students at width C
+    assert students.levels == (1, 2, 3) and set(students.widths.values()) == {64}
 
 
 @pytest.mark.parametrize("levels", [[1], [2], [3], [1, 3], [2, 3]])

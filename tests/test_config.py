@@ -48,7 +48,7 @@ def test_yaml_exponent_without_dot_reads_as_float(tmp_path):
     ("train.epochs=three", "config key 'train.epochs': expected int, got 'three'"),
     ("train.epochs=2.5", "config key 'train.epochs': expected int, got 2.5"),
     ("train.deterministic=3", "config key 'train.deterministic': expected bool"),
-    ("method.levels=7", "config key 'method.levels': expected a list"),
+    ("method.levels=7", "config key 'method.levels': expected list[int] | None, got 7"),
     ("train.epochs=0", "train.epochs must be >= 1, got 0"),
     ("optim.lr=-0.1", "optim.lr must be > 0 and <= 1000, got -0.1"),
     ("method.levels=[4]", "method.levels must be distinct student levels among [1, 2, 3], got [4]"),

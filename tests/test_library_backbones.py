@@ -59,11 +59,13 @@ def _tv(name: str, num_classes: int = 10) -> nn.Module:
 @pytest.mark.parametrize("name", TRAINED)
 def test_students_build_train_and_the_teacher_round_trips_strictly(name):
     torch.manual_seed(0)
-    cfg = load_config(None, [f"model.arch=tv:{name}"])
+    # all three students (the library default is the deepest alone), each as wide as its stage (cheap)
+    cfg = load_config(None, [f"model.arch=tv:{name}", "method.levels=[1, 2, 3]", "method.student_width=stage"])
     method = build_model(cfg, 10)
     backbone = method.backbone
     # the students read the discovered stages at CIFAR's 32 px: T4 is 1x1 there, so they branch at stage 3
     assert method.students.branch_stage == 3
+    assert method.students.widths == {lvl: backbone.stage_info[lvl - 1].channels for lvl in (1, 2, 3)}
     g = torch.Generator().manual_seed(1)
     # 16 images: with 1x1 maps at stride 32, BatchNorm on fewer samples makes RegNet's gradients explode
     images, labels = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
@@ -243,8 +245,12 @@ def test_info_shows_the_discovered_stages_and_the_students_cost():
     info = model_info(load_config(None, ["model.arch=tv:mobilenet_v3_small"]))
     assert info["stages"] == ("T1 16ch /4 features.2 input · T2 24ch /8 features.4 input · "
                               "T3 48ch /16 features.9 input · T4 576ch /32 avgpool input")
-    # the library default: each level as wide as its stage, projected to the 576-d teacher feature
-    assert "widths 16/24/48" in info["students"] and "projection to 576-d" in info["students"]
+    # the library default: the deepest student alone, at the faithful width (the teacher's 576: no projection)
+    assert info["students"].startswith("levels 3 · widths 576/576/576") and "no projection" in info["students"]
+    assert info["params_train"] < 2.5 * info["params_deploy"]  # three such students: > 8x (below)
+    paper = model_info(load_config(None, ["model.width_mult=0.125"]))  # the paper's networks: all three, width C
+    assert paper["students"].startswith("levels 1,2,3 · widths 64/64/64")
     assert info["params_deploy"] == sum(p.numel() for p in _tv("mobilenet_v3_small", 100).parameters())
-    faithful = model_info(load_config(None, ["model.arch=tv:mobilenet_v3_small", "method.student_width=faithful"]))
+    faithful = model_info(load_config(None, ["model.arch=tv:mobilenet_v3_small", "method.student_width=faithful",
+                                             "method.levels=[1, 2, 3]"]))
     assert "widths 576/576/576" in faithful["students"] and faithful["params_train"] > 8 * info["params_deploy"]

@@ -48,7 +48,9 @@ class TeskdParams(MethodParams):
     feature_loss: bool = True  # the masked feature term (off: as if feat_weight were 0)
     # per-branch CE weights; keys "teacher" and "student1".."student3" (missing keys mean 1.0)
     branch_ce_weights: dict[str, float] = field(default_factory=dict)
-    levels: list[int] = field(default_factory=lambda: list(LEVELS))  # 1 = shallowest (T1) student
+    # 1 = shallowest (T1) student; None: the backbone's default_student_levels ((1, 2, 3) for the paper's
+    # networks; the deepest student alone for library networks, the cheapest configuration measured best)
+    levels: list[int] | None = None
     # "faithful": the single C = last stage's channels (the paper); "stage": C_L = the channels of stage
     # T_L, {1: c1, 2: c2, 3: c3}; an int: one width for all; a mapping {1: C1, 2: C2, 3: C3}: a width per
     # level (all three levels); None: the backbone's default_student_width ("faithful" for the paper's
@@ -68,11 +70,11 @@ class TeskdParams(MethodParams):
     def validate(self) -> None:
         self.require(positive=["temperature"],
                      non_negative=["ce_weight", "kd_weight", "feat_weight", "kl_eps", "kd_ramp_epochs"])
-        if not self.levels or len(set(self.levels)) != len(self.levels) or any(
-                lvl not in LEVELS for lvl in self.levels):
+        if self.levels is not None and (not self.levels or len(set(self.levels)) != len(self.levels) or any(
+                lvl not in LEVELS for lvl in self.levels)):
             raise TeskdError(f"method.levels must be distinct student levels among {list(LEVELS)}, "
                              f"got {self.levels}")
-        valid = {"teacher", *(f"student{lvl}" for lvl in self.levels)}
+        valid = {"teacher", *(f"student{lvl}" for lvl in (self.levels or LEVELS))}
         for key, weight in self.branch_ce_weights.items():
             if key not in valid:
                 raise TeskdError(f"method.branch_ce_weights has unknown branch {key!r}; "
@@ -125,11 +127,17 @@ class TESKD(Method):
 
     def __init__(self, backbone, num_classes: int, params: TeskdParams, input_size: int = 32):
         super().__init__(backbone, num_classes, params, input_size)
+        levels = list(params.levels if params.levels is not None
+                      else getattr(backbone, "default_student_levels", LEVELS))
+        names = {f"student{lvl}" for lvl in levels}
+        unknown = sorted(k for k in params.branch_ce_weights if k != "teacher" and k not in names)
+        if unknown:
+            raise TeskdError(f"method.branch_ce_weights has {', '.join(unknown)}, but the students are levels {levels}")
         width = resolve_student_width(params.student_width, backbone.stage_info,
                                       default=getattr(backbone, "default_student_width", "faithful"))
         # initialised like the backbone, as the official models run their init over every module
         self.students = HierarchicalStudents(backbone.stage_info, num_classes, width=width,
-                                             levels=params.levels, input_size=input_size,
+                                             levels=levels, input_size=input_size,
                                              fast=params.fast_students, init=backbone.weight_init,
                                              branch=params.student_branch)
         self.use_feature_loss = params.feature_loss and params.feat_weight > 0
@@ -137,7 +145,7 @@ class TESKD(Method):
         # width differs); None when every compared width matches, so the faithful state dict is unchanged
         self.projections: nn.ModuleDict | None = None
         if self.use_feature_loss:
-            wrong = {lvl: self.students.widths[lvl] for lvl in sorted(params.levels)
+            wrong = {lvl: self.students.widths[lvl] for lvl in sorted(levels)
                      if self.students.widths[lvl] != backbone.num_features}
             if wrong and not params.feature_projection:
                 raise TeskdError(f"the feature loss compares student features with the teacher's "

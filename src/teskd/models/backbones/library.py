@@ -13,9 +13,8 @@ run its forward. So:
 
 The network cannot be cut into stem / stages / head modules (``splittable`` is False), so
 methods that copy stage 4 (ONE, OKDDip) refuse it; every other method works. TESKD's
-students default to per-level widths that follow the network's own stage channels
-(``default_student_width = "stage"``), since the faithful single width (the last stage's
-channels) would dwarf a mobile network.
+students default to the deepest one alone, at the faithful width (``default_student_levels``,
+``default_student_width``; any explicit ``method.levels`` / ``method.student_width`` wins).
 """
 
 from __future__ import annotations
@@ -34,7 +33,12 @@ from teskd.models.stage_probe import StageTap, probe_stages
 
 class LibraryBackbone(Backbone):
     splittable = False
-    default_student_width = "stage"
+    # TESKD's defaults here (benchmarks/RESULTS.md, "Student cost vs gain"): the deepest student alone at the
+    # faithful width C, the best of the cheaper configurations measured on both networks. Three students at
+    # width C would dwarf a mobile network (7x its parameters on MobileNetV3-Small); narrower students
+    # (width "stage") are cheaper still but cost the teacher more accuracy
+    default_student_levels = (3,)
+    default_student_width = "faithful"
 
     def __init__(self, model: nn.Module, taps: Sequence[StageTap] | None = None, what: str | None = None):
         super().__init__()
