@@ -80,6 +80,14 @@ def remove(path: Path) -> None:
     Path(path).unlink(missing_ok=True)
 
 
+def read_bytes(path: Path, what: str) -> bytes:
+    """The whole file, or a one-line TeskdError naming ``what`` it should have been."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise TeskdError(f"cannot read {what} {path}: {describe_os_error(exc)}") from exc
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``path`` so that it holds either its old or its new content, never a mix."""
     path = Path(path)

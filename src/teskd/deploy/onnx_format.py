@@ -130,10 +130,7 @@ def load_onnx(path: Path) -> tuple[OnnxModule, dict[str, str]]:
     onnx = require("onnx", "loading an ONNX export", "export")
     ort = require("onnxruntime", "loading an ONNX export", "export")
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TeskdError(f"cannot read ONNX file {path}: {fileio.describe_os_error(exc)}") from exc
+    data = fileio.read_bytes(path, "ONNX file")
     try:
         proto = onnx.load_model_from_string(data)
         if not proto.graph.node and not proto.graph.output:  # protobuf parses many byte strings as "empty"

@@ -89,10 +89,7 @@ def export_pt2(model: torch.nn.Module, input_size: int, out: Path, metadata: dic
 def load_pt2(path: Path) -> tuple[Pt2Module, dict[str, str]]:
     """The network of a ``.pt2`` written by :func:`export_pt2` and its metadata; any other archive is refused."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TeskdError(f"cannot read pt2 file {path}: {fileio.describe_os_error(exc)}") from exc
+    data = fileio.read_bytes(path, "pt2 file")
     try:
         _check_archive(data)
     except _Unsafe as exc:
