@@ -25,6 +25,7 @@ from teskd.config import MethodParams
 from teskd.errors import TeskdError
 from teskd.losses import kd_kl, masked_feature_l2, sigmoid_ramp
 from teskd.methods.base import Method, StepOutput, register_method
+from teskd.models.complexity import count_params
 from teskd.models.students import BRANCH_TYPES, LEVELS, WIDTH_PRESETS, HierarchicalStudents, resolve_student_width
 
 KD_DIRECTIONS = ("teacher_to_student", "student_to_teacher")
@@ -190,8 +191,7 @@ class TESKD(Method):
 
     def student_param_count(self) -> int:
         """Parameters that train beside the deployed network: the students and the feature projections."""
-        helpers = [self.students] + ([self.projections] if self.projections is not None else [])
-        return sum(p.numel() for module in helpers for p in module.parameters())
+        return count_params(self.students) + (count_params(self.projections) if self.projections is not None else 0)
 
     def describe_students(self) -> str:
         """One line on what the students cost: levels, widths, branch type and kernels, projections, parameters."""
@@ -206,7 +206,7 @@ class TESKD(Method):
         else:
             projection = (f"projection to {self.backbone.num_features}-d for "
                           f"{','.join(self.projections.keys())}")
-        students = sum(p.numel() for p in s.parameters())
+        students = count_params(s)
         total = self.student_param_count()
         count = f"{total:,} parameters"
         if total != students:

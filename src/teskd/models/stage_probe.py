@@ -25,6 +25,7 @@ early) gets a one-line error.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
@@ -68,7 +69,7 @@ def _reduction(shape: tuple[int, ...] | None, size: int) -> int | None:
 def _record(model: nn.Module, x: torch.Tensor) -> tuple[list[_Call], object]:
     calls: list[_Call] = []
     open_calls: dict[int, list[_Call]] = {}
-    counter = iter(range(1 << 62))
+    counter = itertools.count()
     handles = []
 
     def shape_of(value) -> tuple[int, ...] | None:
@@ -100,11 +101,7 @@ def _record(model: nn.Module, x: torch.Tensor) -> tuple[list[_Call], object]:
 
 def _probe_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy on the meta device (shapes only); the caller's model is untouched."""
-    if any(p.device.type == "meta" for p in model.parameters()):
-        probe = copy.deepcopy(model)
-    else:
-        probe = copy.deepcopy(model).to("meta")
-    return probe.eval()
+    return copy.deepcopy(model).to("meta").eval()
 
 
 def _run_probe(model: nn.Module, what: str) -> tuple[list[_Call], object, int]:

@@ -37,14 +37,6 @@ class DepthwiseBranch(nn.Sequential):
             nn.ReLU(inplace=True),
             nn.Conv2d(width, width, kernel_size=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
 
-    @property
-    def conv1(self) -> nn.Conv2d:
-        return self[0]
-
-    @property
-    def conv2(self) -> nn.Conv2d:
-        return self[3]
-
 
 class BottleneckBranch(nn.Sequential):
     """1x1 C -> m, k x k stride-k m -> m, 1x1 m -> C (m = max(1, C // 4)), each conv bias-free + BN + ReLU."""
