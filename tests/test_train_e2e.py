@@ -105,3 +105,29 @@ def test_ce_baseline_trains_without_students(tmp_path, cifar100_root):
     assert summary["selected_on"] == "test"
     record = json.loads((out / "metrics.jsonl").read_text())
     assert set(record["test_acc"]) == {"teacher"}
+
+
+def test_eval_every_evaluates_every_nth_epoch_and_the_last(tmp_path, cifar100_root):
+    """train.eval_every=2 over 3 epochs: epochs 2 and 3 are evaluated, epoch 1 is not; best and summary use the
+    evaluated ones, and report reads the run."""
+    from teskd.report import run_row
+
+    out = tmp_path / "run"
+    assert main(["train", str(REPO / "configs" / "cifar100" / "resnet18_ce.yaml"),
+                 *tiny(cifar100_root, "train.epochs=3", "train.eval_every=2"), "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert ["test_acc" in r for r in records] == [False, True, True]
+    assert all("train_acc" in r and "train_loss" in r for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 3 and summary["teacher_top1_last"] == records[2]["test_acc"]["teacher"]
+    best = max(records[1:], key=lambda r: r["test_acc"]["teacher"])
+    assert summary["best_epoch"] == best["epoch"]
+    assert summary["teacher_top1_max_test"] == best["test_acc"]["teacher"]
+    row = run_row(out)
+    assert row.top1_last == records[2]["test_acc"]["teacher"] and row.finished
+
+
+def test_eval_every_must_be_positive(tmp_path, capsys):
+    assert main(["train", CONFIG, "train.eval_every=0", "--out", str(tmp_path / "r")]) != 0
+    assert "train.eval_every must be >= 1, got 0" in capsys.readouterr().err

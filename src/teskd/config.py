@@ -85,6 +85,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # also save checkpoints/last.pt every N steps within an epoch (0: epoch ends only)
     progress: bool = True  # tqdm progress bars
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    # evaluate after every N-th epoch and after the last (long schedules on small data, where a full test
+    # pass costs more than an epoch of training); best.pt is chosen among the evaluated epochs
+    eval_every: int = 1
     sync_bn: bool = False  # with several processes: BatchNorm statistics over the global batch (GPU only)
     # also save last.pt every N minutes inside an epoch; null: 30 for image folders, off for in-memory data
     checkpoint_minutes: float | None = None
@@ -395,6 +398,7 @@ def validate(cfg: Config) -> None:
            f"train.device must be auto, cpu, cuda or cuda:N (N in 0..{MAX_CUDA_INDEX}), got {v(t.device)}")
     _check(0 <= t.threads <= MAX_THREADS,
            f"train.threads must be in [0, {MAX_THREADS}] (0: torch's default), got {v(t.threads)}")
+    _check(t.eval_every >= 1, f"train.eval_every must be >= 1, got {v(t.eval_every)}")
     _check(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {v(t.checkpoint_every)}")
     if callable(getattr(cfg.method, "validate", None)):  # a method's own checks
         cfg.method.validate()

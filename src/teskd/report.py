@@ -45,8 +45,17 @@ def read_summary(run: RunDir) -> dict:
 
 
 def _is_record(r) -> bool:
-    return (isinstance(r, dict) and isinstance(r.get("epoch"), int) and isinstance(r.get("test_acc"), dict)
-            and isinstance(r["test_acc"].get("teacher"), (int, float)))
+    """An epoch record; one without ``test_acc`` is an epoch that train.eval_every did not evaluate."""
+    if not (isinstance(r, dict) and isinstance(r.get("epoch"), int)):
+        return False
+    if "test_acc" not in r:
+        return "train_loss" in r
+    return isinstance(r["test_acc"], dict) and isinstance(r["test_acc"].get("teacher"), (int, float))
+
+
+def evaluated(records: list[dict]) -> list[dict]:
+    """The records of evaluated epochs (all of them unless the run used train.eval_every > 1)."""
+    return [r for r in records if "test_acc" in r]
 
 
 def read_metrics(run: RunDir, notes: list[str]) -> list[dict]:
@@ -54,7 +63,7 @@ def read_metrics(run: RunDir, notes: list[str]) -> list[dict]:
     path = run.metrics
     records = MetricsLog(path).read(
         check=_is_record, on_torn=lambda n: notes.append(f"ignored the incomplete last line ({n}) of {path}"))
-    if not records:
+    if not evaluated(records):
         raise TeskdError(f"{path} holds no finished epoch (the run has not finished its first epoch, "
                          f"or the file was emptied)")
     return records
@@ -80,6 +89,7 @@ def _row_from_metrics(run: RunDir, records: list[dict], notes: list[str]) -> Run
         method, planned = str(cfg["method"]["name"]), int(cfg["train"]["epochs"])
     except Exception:
         method, planned = "?", "?"
+    records = evaluated(records)
     selected_on = "val" if all("val_acc" in r for r in records) else "test"
     scores = [r[f"{selected_on}_acc"]["teacher"] for r in records]
     best = records[scores.index(max(scores))]  # the first maximum, as training selects it
@@ -188,6 +198,7 @@ def curve_panels(run_dirs: list[Path]) -> list[Panel]:
 
 def panels_of(runs: list[tuple[str, list[dict]]]) -> list[Panel]:
     """``curve_panels`` of (label, epoch records) pairs: runs, or groups' mean records."""
+    runs = [(label, evaluated(records)) for label, records in runs]
     multi = [(label, records) for label, records in runs if len({b for r in records for b in r["test_acc"]}) > 1]
     test, train, branches = [], [], []
     for label, records in runs:
@@ -419,10 +430,10 @@ def read_run(path: Path, notes: list[str]) -> RunInfo:
     if summary is not None:
         done = int(summary["epochs"])
         branches = _numbers(summary.get("test_acc_last"))
-        if not branches and records and records[-1]["epoch"] == done:
-            branches = _numbers(records[-1]["test_acc"])
+        if not branches and evaluated(records) and evaluated(records)[-1]["epoch"] == done:
+            branches = _numbers(evaluated(records)[-1]["test_acc"])
     else:
-        done, branches = records[-1]["epoch"], _numbers(records[-1]["test_acc"])
+        done, branches = records[-1]["epoch"], _numbers(evaluated(records)[-1]["test_acc"])
     planned = config.get("train.epochs")
     total = planned if isinstance(planned, int) and not isinstance(planned, bool) else (
         done if summary is not None else None)
@@ -742,7 +753,7 @@ def group_curves(groups: list[Group]) -> list[GroupCurve]:
     for g, label in zip(groups, group_labels(groups)):
         per_epoch: dict[int, list[float]] = {}
         for r in g.runs:
-            for rec in r.records:
+            for rec in evaluated(r.records):
                 per_epoch.setdefault(rec["epoch"], []).append(float(rec["test_acc"]["teacher"]))
         epochs = sorted(per_epoch)
         curves.append(GroupCurve(label, epochs, [statistics.fmean(per_epoch[e]) for e in epochs],

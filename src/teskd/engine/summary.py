@@ -17,6 +17,7 @@ def summarise(trainer, records: list[dict]) -> dict:
     if not records:
         raise TeskdError(f"no finished epoch in {trainer.run_dir}; nothing to summarise")
     branch, cfg, has_val = trainer.method.deploy_branch, trainer.cfg, trainer.data.val is not None
+    records = [r for r in records if "test_acc" in r]  # evaluated epochs (train.eval_every); the last always is
     last = records[-1]
     best_epoch = trainer.best["epoch"]
     best = next((r for r in records if r["epoch"] == best_epoch), None)

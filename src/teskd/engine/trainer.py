@@ -211,12 +211,14 @@ class Trainer:
     def run_epoch(self, epoch: int) -> None:
         progress, self.resume_progress = self.resume_progress, None
         record = self.train_one_epoch(epoch, progress)
-        record.update(self.evaluate_epoch())
-        branch = self.method.deploy_branch
-        selected = record["val_acc" if self.data.val is not None else "test_acc"][branch]
-        improved = selected > self.best["score"]
-        if improved:
-            self.best = {"epoch": epoch + 1, "score": selected, "test_top1": record["test_acc"][branch]}
+        improved = False
+        if _evaluates(epoch + 1, self.cfg.train):
+            record.update(self.evaluate_epoch())
+            branch = self.method.deploy_branch
+            selected = record["val_acc" if self.data.val is not None else "test_acc"][branch]
+            improved = selected > self.best["score"]
+            if improved:
+                self.best = {"epoch": epoch + 1, "score": selected, "test_top1": record["test_acc"][branch]}
         # the metrics line is written before last.pt: a resume truncates lines past last.pt's epoch, so a
         # kill between the two leaves no duplicate or missing line; best.pt is published from that last.pt
         self.checkpointer.check_run_dir()
@@ -343,6 +345,11 @@ class Trainer:
         return result
 
     def _print_epoch(self, r: dict) -> None:
+        if "test_acc" not in r:
+            log.info(f"epoch {r['epoch']}/{self.cfg.train.epochs} loss={r['train_loss']:.4f} lr={r['lr']:.4g} "
+                     f"{r['train_images_per_sec']:.0f} img/s (not evaluated: train.eval_every="
+                     f"{self.cfg.train.eval_every})")
+            return
         accs = " ".join(f"{k}={v:.2f}" for k, v in r["test_acc"].items())
         val = f" val_{self.method.deploy_branch}={r['val_acc'][self.method.deploy_branch]:.2f}" \
             if "val_acc" in r else ""
@@ -369,6 +376,11 @@ class Trainer:
                         self.method.deploy_branch)
         except Exception as exc:  # noqa: BLE001  (matplotlib missing or failing, a full disk, ...)
             log.info(f"curves.png not written ({one_line(exc, 200)}); draw it later: teskd curves {self.run_dir}")
+
+
+def _evaluates(done: int, tc) -> bool:
+    """Whether the epoch that completes ``done`` epochs is evaluated (every ``eval_every``-th and the last)."""
+    return done % tc.eval_every == 0 or done >= tc.epochs
 
 
 def _config_yaml(cfg: Config) -> str:
