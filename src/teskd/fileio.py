@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,12 +81,63 @@ def remove(path: Path) -> None:
     Path(path).unlink(missing_ok=True)
 
 
-def read_bytes(path: Path, what: str) -> bytes:
-    """The whole file, or a one-line TeskdError naming ``what`` it should have been."""
+# Upper bounds on what teskd reads whole into memory. A file larger than its bound is refused in one line
+# before a byte is read (a 20 GB sparse file takes no disk space, and a symlink to /dev/zero has no end).
+MODEL_FILE_LIMIT = 4 << 30  # an exported network; a single-file ONNX cannot exceed 2 GiB (protobuf) anyway
+RUN_FILE_LIMIT = 64 << 20  # config.yaml, summary.json, a digest file; metrics.jsonl of a very long run fits
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_regular(path: Path, what: str, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file (after symlinks) of at most ``limit`` bytes; anything else is a
+    one-line TeskdError naming ``what`` it should have been. Opening never blocks: a FIFO is opened non-blocking
+    and refused, so a named pipe in place of a run file or an image cannot hang teskd."""
     try:
-        return Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise TeskdError(f"cannot read {what} {path}: {describe_os_error(exc)}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TeskdError(f"cannot read {what} {path}: it is {_kind(st.st_mode)}, not a regular file")
+        if st.st_size > limit:
+            raise TeskdError(f"refusing to read {what} {path}: it is {st.st_size:,} bytes, more than a {what} can "
+                             f"plausibly be ({limit:,})")
+        chunks, size = [], 0
+        while size <= limit:  # a file that grows while read stops at the limit too
+            chunk = os.read(fd, min(1 << 24, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise TeskdError(f"refusing to read {what} {path}: it grew past {limit:,} bytes while being read")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise TeskdError(f"cannot read {what} {path}: {describe_os_error(exc)}") from exc
+    finally:
+        os.close(fd)
+
+
+def read_text(path: Path, what: str, limit: int = RUN_FILE_LIMIT) -> str:
+    """:func:`read_regular` decoded as UTF-8 (a decoding error is a one-line TeskdError too)."""
+    try:
+        return read_regular(path, what, limit).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TeskdError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from exc
+
+
+def read_bytes(path: Path, what: str, limit: int = MODEL_FILE_LIMIT) -> bytes:
+    """The whole file (a model file: at most ``limit`` bytes), or a one-line TeskdError naming ``what``."""
+    return read_regular(path, what, limit)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
