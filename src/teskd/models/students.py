@@ -7,7 +7,7 @@ each requested level (spec section 2, official ``CIFAR_ResNet`` in
 
     S4 = lateral_3(T4)
     for L = 3, 2, 1 (down to the shallowest requested level):
-        U_L = upsample_{L-1}(S_{L+1})         # bilinear x r (align_corners) -> 1x1 conv, BN, ReLU
+        U_L = upsample_{L-1}(S_{L+1})         # bilinear to T_L's size (align_corners) -> 1x1 conv, BN, ReLU
         S_L = fuse_L(cat[U_L + lateral_{L-1}(T_L), U_L])
     student L:  f_L = flatten(avgpool(downsample_L(S_L)));  logits_L = fc_bL(f_L)
 
@@ -18,6 +18,22 @@ conv with k = reduction(T_B) / reduction(T_L), so each level reaches the T_B siz
 pooling. B (``branch_stage``) is the deepest stage whose map is at least 2x2 at the input
 size: at 32 px, B = 4 and k = 8, 4, 2 for the CIFAR ResNets, B = 3 and k = 4, 2, 1 for
 CIFAR VGG, whose T4 is 1x1 (both as in the official code).
+
+Input sizes whose stage maps do not halve exactly (ImageNet ResNet-18 at 112 px: T1..T4 are
+28, 14, 7, 4, as a stride-2 convolution rounds 7/2 up; at 299 px 75, 38, 19, 10): the official
+code upsamples by the fixed factor r, which gives 8x8 from 4x4 and cannot be added to the 7x7
+lateral. Here ``upsample_{L-1}`` interpolates to T_L's actual size instead. With
+``align_corners=True`` the interpolation weights depend only on the input and output sizes
+((in - 1) / (out - 1)), so where the sizes are exactly r-fold this is the official x r upsampling,
+bit for bit. The auxiliary branch's k x k stride-k convolution meets sizes that k does not divide
+(at 112 px: 28/8, 14/4, 7/2, where a plain convolution drops the last 4, 2 and 1 rows and columns
+and gives 3x3, not T4's 4x4): each branch zero-pads its input at the bottom and right to the next
+multiple of k (``student_branches.pad_to_patches``), so it keeps the official patch grid, adds the
+partial patches at the edge, and gives ceil(size / k) cells. That is T_B's size whenever each stage
+rounds its halving up (ResNets, and most strided-convolution networks; at 112 px 4x4, at 299 px
+10x10), is never empty, uses every position of S_L, and pads nothing where k divides the size
+(at 224 px 56/8 = 28/4 = 14/2 = 7: the official branch). The students' pooled features are thus
+defined at every input size, and identical to the official ones wherever the sizes divide.
 
 Per-level widths (an ablation, not in the paper): ``width`` may instead be a mapping
 {1: C1, 2: C2, 3: C3} (all three levels, even unrequested ones, because the top-down
@@ -71,10 +87,11 @@ from __future__ import annotations
 from typing import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from teskd.models.backbones.base import StageInfo
-from teskd.models.student_branches import BottleneckBranch, DepthwiseBranch
+from teskd.models.student_branches import BottleneckBranch, DepthwiseBranch, PatchBranch
 from teskd.models.students_fast import fast_forward
 
 LEVELS = (1, 2, 3)
@@ -100,7 +117,11 @@ class ConvBNReLU(nn.Sequential):
 
 
 class UpsampleBlock(nn.Sequential):
-    """0: bilinear x ``scale`` (align_corners), 1: 1x1 conv without bias, 2: BN, 3: ReLU."""
+    """0: bilinear x ``scale`` (align_corners), 1: 1x1 conv without bias, 2: BN, 3: ReLU.
+
+    Called with ``size`` (the next shallower stage's map size), it upsamples to exactly that size;
+    ``scale`` is the nominal ratio, the same result wherever the sizes are ``scale``-fold.
+    """
 
     up, conv, bn = _layer(0), _layer(1), _layer(2)
 
@@ -108,9 +129,21 @@ class UpsampleBlock(nn.Sequential):
         super().__init__(nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=True),
                          nn.Conv2d(in_ch, out_ch, kernel_size=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU())
 
+    def resize(self, x: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
+        """Layer 0 (bilinear, align_corners) to ``size``, or by the nominal scale if ``size`` is None."""
+        if size is None:
+            return self.up(x)
+        return F.interpolate(x, size=tuple(size), mode=self.up.mode, align_corners=self.up.align_corners)
 
-class AuxiliaryBranch(nn.Sequential):
-    """0: k x k stride-k conv, 1: BN, 2: ReLU, 3: 1x1 conv, 4: BN, 5: ReLU (both convs with bias)."""
+    def forward(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+        return self[3](self.bn(self.conv(self.resize(x, size))))
+
+
+class AuxiliaryBranch(PatchBranch):
+    """0: k x k stride-k conv, 1: BN, 2: ReLU, 3: 1x1 conv, 4: BN, 5: ReLU (both convs with bias).
+
+    Its input is zero-padded at the bottom and right to a multiple of k (``PatchBranch``; none
+    where k divides the size, as in the official code)."""
 
     conv1, bn1, conv2, bn2 = _layer(0), _layer(1), _layer(3), _layer(4)
 
@@ -119,7 +152,7 @@ class AuxiliaryBranch(nn.Sequential):
                          nn.Conv2d(width, width, kernel_size=1), nn.BatchNorm2d(width), nn.ReLU())
 
 
-BRANCHES: dict[str, type[nn.Sequential]] = {
+BRANCHES: dict[str, type[PatchBranch]] = {
     "conv": AuxiliaryBranch, "depthwise": DepthwiseBranch, "bottleneck": BottleneckBranch}
 
 
@@ -223,7 +256,7 @@ class HierarchicalStudents(nn.Module):
     def fuse(self, level: int) -> ConvBNReLU:
         return self.get_submodule(f"fuse_{level}")
 
-    def branch(self, level: int) -> nn.Sequential:
+    def branch(self, level: int) -> PatchBranch:
         return self.get_submodule(f"downsample{level}")
 
     def head(self, level: int) -> nn.Linear:
@@ -234,7 +267,8 @@ class HierarchicalStudents(nn.Module):
         fused: dict[int, torch.Tensor] = {}
         above = self.laterals["3"](stages[3])  # S4
         for level in range(3, self.levels[0] - 1, -1):
-            up = self.upsample[str(level - 1)](above)
+            # to T_L's actual size: x r is wrong where a stage rounded its halving (7x7 -> 4x4)
+            up = self.upsample[str(level - 1)](above, stages[level - 1].shape[-2:])
             lateral = self.laterals[str(level - 1)](stages[level - 1])
             above = self.fuse(level)(torch.cat([up + lateral, up], dim=1))
             fused[level] = above

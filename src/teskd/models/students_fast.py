@@ -16,6 +16,11 @@ outputs and every parameter gradient with the plain reference formulation
    generic strided convolution. Only the faithful ("conv") branches are rewritten; the
    cheaper branch types of ``student_branches.py`` run as they are.
 4. ReLUs run in place (a BN output is not needed by BN's backward).
+
+Odd sizes (see ``students.py``) take the same steps as the reference: the upsampling goes to the
+lateral's actual size (rewrite 1 holds for any output size: bilinear interpolation is a linear map
+over space, applied to each channel alike), and the branch's input is zero-padded to a multiple of
+k (``pad_to_patches``) before the patch product.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from teskd.models.student_branches import pad_to_patches
 
 if TYPE_CHECKING:
     from teskd.models.students import AuxiliaryBranch, ConvBNReLU, HierarchicalStudents, UpsampleBlock
@@ -40,8 +47,8 @@ def _conv_bn_relu(block: "ConvBNReLU", x: torch.Tensor) -> torch.Tensor:
     return _bn_relu(block.bn, block.conv(x))
 
 
-def _upsample(block: "UpsampleBlock", x: torch.Tensor) -> torch.Tensor:
-    return _bn_relu(block.bn, block.up(F.conv2d(x, block.conv.weight)))  # rewrite 1: 1x1 conv before upsampling
+def _upsample(block: "UpsampleBlock", x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    return _bn_relu(block.bn, block.resize(F.conv2d(x, block.conv.weight), size))  # rewrite 1: 1x1 conv first
 
 
 def _fuse(block: "ConvBNReLU", up: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
@@ -74,7 +81,7 @@ def patch_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _branch(block: "AuxiliaryBranch", x: torch.Tensor) -> torch.Tensor:
-    y = _bn_relu(block.bn1, patch_conv(block.conv1, x))
+    y = _bn_relu(block.bn1, patch_conv(block.conv1, pad_to_patches(x, block.conv1.stride[0])))
     return _bn_relu(block.bn2, block.conv2(y))
 
 
@@ -84,7 +91,7 @@ def fast_forward(students: "HierarchicalStudents",
     fused: dict[int, torch.Tensor] = {}
     above = _conv_bn_relu(students.laterals["3"], stages[3])  # S4
     for level in range(3, students.levels[0] - 1, -1):
-        up = _upsample(students.upsample[str(level - 1)], above)
+        up = _upsample(students.upsample[str(level - 1)], above, stages[level - 1].shape[-2:])
         lateral = _conv_bn_relu(students.laterals[str(level - 1)], stages[level - 1])
         above = fused[level] = _fuse(students.fuse(level), up, lateral)
     out = {}
