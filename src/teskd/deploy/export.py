@@ -3,6 +3,16 @@
 Every export is read back and run against the PyTorch network on random inputs (batch sizes 1 and 3,
 so a dynamic batch dimension is exercised): weight formats must match exactly, compiled graphs
 (ONNX, torch.export) within an absolute bound on the logits.
+
+``--format torchvision`` writes the state dict of the torchvision network (a ``tv:NAME`` run, or the
+ImageNet ResNets), with torchvision's own state-dict version table, so it loads the usual way::
+
+    net = torchvision.models.get_model(NAME, weights=None, num_classes=N)
+    net.load_state_dict(torch.load(PATH, weights_only=True))
+
+A state dict without that table (e.g. the safetensors export read with ``safetensors.torch.load_file``)
+loads into most torchvision networks too, but not into MNASNet, whose loader needs the layout version:
+for MNASNet, load the ``.pth`` above.
 """
 
 from __future__ import annotations
@@ -95,7 +105,12 @@ def _write(model: torch.nn.Module, info: DeployInfo, fmt: str, out: Path, opset:
     from teskd import fileio
 
     twin = _torchvision_twin(info)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()  # an OrderedDict: it can carry the version table below
+    for key, value in state.items():
+        state[key] = value.detach().cpu().contiguous()
+    # torchvision's own version table, as torch.save(net.state_dict()) writes it: MNASNet's loader reads its
+    # layout version there and refuses a state dict without one
+    state._metadata = twin.state_dict()._metadata
     twin.load_state_dict(state, strict=True)  # proves the layout before anything is written
     buffer = io.BytesIO()
     torch.save(state, buffer)

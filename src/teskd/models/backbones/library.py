@@ -56,6 +56,9 @@ class LibraryBackbone(Backbone):
         for name in self._own_buffers:
             self.register_buffer(name, model._buffers[name], persistent=name not in model._non_persistent_buffers_set)
         object.__setattr__(self, "_net", model)  # not registered: its modules are this module's children
+        # the model's state-dict layout version, so the state dict's version table is the library's too
+        # (torchvision's MNASNet refuses, or converts to an old layout, a state dict of another version)
+        self._version = getattr(model, "_version", 1)
         self._what, self._taps = what, taps
         self.stage_info = tuple(StageInfo(t.channels, t.reduction, t.module) for t in taps)
         self.num_features = taps[-1].channels
