@@ -1,9 +1,10 @@
-"""Image-folder datasets: ``root/train/<class>/*.jpg|jpeg|png`` for training (``data.val_per_class`` may hold
-some out) and ``root/val/<class>/*`` as the test split; ``imagefolder`` takes any number of classes,
-``imagenet`` expects its 1000.
+"""Image-folder datasets: ``root/train/<class>/*.jpg`` (or another of :data:`IMAGE_SUFFIXES`) for training
+(``data.val_per_class`` may hold some out) and ``root/val/<class>/*`` as the test split; ``imagefolder`` takes any
+number of classes, ``imagenet`` expects its 1000.
 
-The files are listed once (torchvision's ``find_classes``/``make_dataset``: class folders in sorted order),
-decoded to uint8 RGB in DataLoader workers, cropped there under :class:`TorchLoader`'s per-sample seeds
+The files are listed once (:mod:`teskd.data.listing`: class folders in sorted order, hidden names skipped, each
+directory visited once), read and decoded to uint8 RGB in DataLoader workers within bounds (:mod:`teskd.data.decode`:
+regular files only, size and pixel limits), cropped there under :class:`TorchLoader`'s per-sample seeds
 (training: ``RandomResizedCrop`` + flip; evaluation: ``Resize`` + ``CenterCrop``) and normalised on the
 training device. An unreadable file comes back as a :class:`BadSample` naming it (``data.on_bad_image``).
 torchvision is imported where it is used: importing ``teskd.data`` (CIFAR runs too) stays quick.
@@ -12,8 +13,6 @@ torchvision is imported where it is used: importing ``teskd.data`` (CIFAR runs t
 from __future__ import annotations
 
 import os
-import re
-import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import partial
@@ -25,17 +24,19 @@ from torch.utils.data import Dataset
 
 from teskd.config import DataConfig
 from teskd.data.augment import normalize
+from teskd.data.decode import IMAGE_SUFFIXES, SOURCE_LINE, BadImage, decode_rgb, read_rgb  # noqa: F401 (re-exported)
+from teskd.data.listing import class_folders, list_files
 from teskd.data.pipeline import DataBundle, select_splits
 from teskd.data.registry import DatasetSpec, get_dataset_spec, register_dataset
 from teskd.data.torch_loader import BadSample, TorchLoader
-from teskd.errors import TeskdError
+from teskd.errors import TeskdError, printable
 
-EXTENSIONS = (".jpg", ".jpeg", ".png")  # matched case-insensitively
+EXTENSIONS = IMAGE_SUFFIXES  # the former name
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _IMAGE_SIZE = 224  # and 256 (= 224 * 8 / 7) before the evaluation centre crop
 _PREFETCH = 4  # batches in flight per worker
-_LAYOUT = "{root}/train/<class>/*.jpg (or .jpeg, .png) and {root}/val/<class>/*"
+_LAYOUT = "{root}/train/<class>/*.jpg (or " + ", ".join(IMAGE_SUFFIXES[1:]) + ") and {root}/val/<class>/*"
 
 
 @dataclass
@@ -66,17 +67,16 @@ def _no_data(name: str, root: Path, cfg: DataConfig | None = None) -> TeskdError
 
 
 def _class_folders(folder: Path, name: str) -> list[str]:
-    from torchvision.datasets.folder import find_classes
-
     try:
-        return find_classes(folder)[0]
-    except FileNotFoundError as err:  # also torchvision's "no class folder"
+        classes = class_folders(str(folder))
+    except OSError as err:
+        raise TeskdError(f"cannot list {printable(folder)} ({' '.join(str(err.strerror or err).split())})") from err
+    if not classes:
         hint = " (ImageNet's flat validation images must first be sorted into class folders)" \
             if name == "imagenet" and folder.name == "val" else ""
-        raise TeskdError(f"{folder} holds no class folders; expected one folder of images per class, "
-                         f"{folder}/<class>/*.jpg{hint}") from err
-    except OSError as err:
-        raise TeskdError(f"cannot list {folder} ({' '.join(str(err).split())})") from err
+        raise TeskdError(f"{printable(folder)} holds no class folders; expected one folder of images per class, "
+                         f"{printable(folder)}/<class>/*.jpg{hint}")
+    return classes
 
 
 def find_image_classes(root: Path, name: str, expected: int | None, cfg: DataConfig | None = None) -> list[str]:
@@ -93,8 +93,6 @@ def find_image_classes(root: Path, name: str, expected: int | None, cfg: DataCon
 
 def list_images(root: Path, split: str, classes: list[str], name: str) -> ImageFiles:
     """The images of ``root/<split>`` (``train`` or ``val``), labelled by ``classes``."""
-    from torchvision.datasets.folder import make_dataset
-
     folder = root / split
     if not folder.is_dir():
         role = "training images" if split == "train" else "test split"
@@ -104,35 +102,12 @@ def list_images(root: Path, split: str, classes: list[str], name: str) -> ImageF
     unknown = sorted(set(present) - set(classes))
     if unknown:
         raise TeskdError(f"{folder} has {len(unknown)} class folder(s) that {root / 'train'} lacks "
-                         f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''})")
+                         f"({', '.join(map(printable, unknown[:5]))}{', ...' if len(unknown) > 5 else ''})")
     label = {c: i for i, c in enumerate(classes)}
-    try:
-        samples = make_dataset(str(folder), {c: label[c] for c in present}, extensions=EXTENSIONS)
-    except FileNotFoundError as err:  # a class folder without images
-        raise TeskdError(f"{folder}: {' '.join(str(err).split())}") from err
-    prefix = os.path.join(str(folder), "")
-    names = np.array([os.fsencode(p[len(prefix):]) for p, _ in samples], dtype=bytes)
-    labels = torch.tensor([c for _, c in samples], dtype=torch.int64)
+    listing = list_files(str(folder), {c: label[c] for c in present}, IMAGE_SUFFIXES)
+    names = np.array([os.fsencode(p) for p in listing.names], dtype=bytes)
+    labels = torch.tensor(listing.labels, dtype=torch.int64)
     return ImageFiles(str(folder), names, labels, classes)
-
-
-SOURCE_LINE = re.compile(r"^[\w.]+, \S+\.(?:cpp|h):\d+, ")  # torchvision's "decode_jpeg, <file>:<line>, "
-_DEPRECATED = "The image decoding and encoding capabilities of TorchVision are deprecated"
-
-
-def decode_rgb(data: torch.Tensor) -> torch.Tensor:
-    """A JPEG or PNG file's bytes -> uint8 (3, H, W) RGB (grayscale, CMYK, palette and alpha converted)."""
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2.functional import to_dtype
-
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for TorchCodec): once per image
-        warnings.filterwarnings("ignore", _DEPRECATED, DeprecationWarning)
-        image = decode_image(data, mode=ImageReadMode.RGB)
-    if image.ndim == 4:  # an animated GIF (under a .jpg name): its first frame, as PIL gives
-        image = image[0]
-    if image.dtype != torch.uint8:  # 16-bit PNG
-        image = to_dtype(image, torch.uint8, scale=True)
-    return image
 
 
 class FolderImages(Dataset):
@@ -152,10 +127,9 @@ class FolderImages(Dataset):
     def __getitem__(self, index: int):
         path, label = self.files.path(index), int(self.files.labels[index])
         try:
-            return decode_rgb(torch.from_numpy(np.fromfile(path, dtype=np.uint8))), label
-        except (RuntimeError, OSError, ValueError) as err:
-            text = SOURCE_LINE.sub("", " ".join(str(err).split()))
-            return BadSample(path, text or type(err).__name__), label
+            return read_rgb(path), label
+        except BadImage as err:
+            return BadSample(path, err.reason), label
 
 
 def image_sizes(cfg: DataConfig, spec: DatasetSpec) -> tuple[int, int]:

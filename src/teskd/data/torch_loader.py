@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from teskd.data.loader import Batch, ShardedEpochs, derive_seed
-from teskd.errors import TeskdError
+from teskd.errors import TeskdError, printable
 from teskd.log import log
 
 BAD_SAMPLE_POLICIES = ("stop", "skip")
@@ -156,15 +156,15 @@ class TorchLoader(ShardedEpochs):
     def _bad_samples(self, bad: list[tuple[int, BadSample]], step: int, kept: int) -> None:
         first = bad[0][1]
         if self.on_bad_sample == "stop":
-            raise TeskdError(f"cannot read {first.source}: {first.reason}; fix or remove the file, or set "
+            raise TeskdError(f"cannot read {printable(first.source)}: {first.reason}; fix or remove the file, or set "
                              f"data.on_bad_image=skip to skip unreadable images")
         self.skipped += [sample for _, sample in bad]
         if kept == 0:  # an empty step would desynchronise the ranks and the resume position
             raise TeskdError(f"every image of batch {step} of epoch {self.epoch + 1} is unreadable (the first: "
-                             f"{first.source}: {first.reason}); fix or remove the files")
+                             f"{printable(first.source)}: {first.reason}); fix or remove the files")
 
     def _report_skipped(self) -> None:
         if self.skipped:
             n, first = len(self.skipped), self.skipped[0]
             log.warning(f"warning: skipped {n} unreadable image{'s' if n != 1 else ''} in epoch {self.epoch + 1} "
-                        f"(the first: {first.source}: {first.reason})")
+                        f"(the first: {printable(first.source)}: {first.reason})")

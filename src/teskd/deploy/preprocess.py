@@ -8,25 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from teskd.data.decode import IMAGE_SUFFIXES, read_rgb  # noqa: F401 (IMAGE_SUFFIXES: what predict picks from a folder)
 from teskd.deploy.metadata import DeployInfo
 from teskd.errors import TeskdError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # what predict picks from a folder
-
 
 def read_image(path: Path | str) -> torch.Tensor:
-    """A PNG/JPEG (or GIF/WebP) file -> uint8 (3, H, W) RGB; unreadable -> one-line TeskdError naming it."""
-    from teskd.data.imagefolder import SOURCE_LINE, decode_rgb
-
-    try:
-        return decode_rgb(torch.from_numpy(np.fromfile(str(path), dtype=np.uint8)))
-    except (RuntimeError, OSError, ValueError) as exc:
-        text = SOURCE_LINE.sub("", " ".join(str(exc).split()))  # torchvision's C++ source location: noise
-        detail = text.split(". ")[0][:200] or type(exc).__name__
-        raise TeskdError(f"cannot read image {path}: {detail}") from exc
+    """A JPEG, PNG, GIF or WebP file -> uint8 (3, H, W) RGB. Anything else (not a regular file, over 256 MiB, a
+    header declaring more pixels than :data:`teskd.data.decode.MAX_IMAGE_PIXELS`, damaged) is a one-line
+    TeskdError naming the file, raised before the decoder allocates anything."""
+    return read_rgb(path)
 
 
 class Preprocess:
