@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from teskd import __version__
-from teskd.errors import TeskdError
+from teskd.errors import TeskdError, printable
+from teskd.registry import load_plugins
 
 
 def _cmd_train(args) -> int:
@@ -79,7 +80,7 @@ def _cmd_export(args) -> int:
 
 def _cmd_predict(args) -> int:
     from teskd.deploy.source import load_deployed
-    from teskd.deploy.predict import format_predictions, predict
+    from teskd.deploy.predict import format_predictions, format_skipped, predict
 
     deployed = load_deployed(args.model, args.checkpoint)
     device = "cpu"
@@ -94,8 +95,8 @@ def _cmd_predict(args) -> int:
                           "skipped": [{"file": f, "error": e} for f, e in pred.skipped]}, indent=2))
     elif pred.results:
         print(format_predictions(pred))
-    for path, why in pred.skipped:
-        print(f"skipped {path}: {why}", file=sys.stderr)
+    for line in format_skipped(pred):
+        print(line, file=sys.stderr)
     if not pred.results:
         raise TeskdError(f"none of the {len(pred.skipped)} image file(s) could be read")
     return 0
@@ -144,7 +145,7 @@ def _cmd_report(args) -> int:
     for note in extra:
         print(f"note: {note}", file=side)
     if args.plot:  # a path without .png gets it appended: the line says the file actually written
-        print(f"curves: {plot_runs(runs, Path(args.plot))}", file=side)
+        print(f"curves: {printable(plot_runs(runs, Path(args.plot)))}", file=side)
     return 0
 
 
@@ -154,15 +155,15 @@ def _cmd_curves(args) -> int:
     if args.out is not None and len(args.runs) > 1:
         raise TeskdError(f"--out names one file: pass a single run directory with it (got {len(args.runs)})")
     if len(args.runs) == 1:
-        print(plot_run(Path(args.runs[0]), Path(args.out) if args.out else None))
+        print(printable(plot_run(Path(args.runs[0]), Path(args.out) if args.out else None)))
         return 0
     failed = 0
     for run in args.runs:  # several runs (`teskd curves runs/*`): one that cannot be drawn does not stop the rest
         try:
-            print(plot_run(Path(run)))
+            print(printable(plot_run(Path(run))))  # folder names may come from an archive of runs
         except TeskdError as exc:
             failed += 1
-            print(f"skipped {run}: {exc}", file=sys.stderr)
+            print(f"skipped {printable(run)}: {printable(exc)}", file=sys.stderr)
     return 2 if failed else 0
 
 
@@ -279,18 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_plugins() -> None:
-    """Import the modules named in ``TESKD_PLUGINS`` (comma-separated): a user's own backbones, methods or
-    datasets register themselves there, with no change to teskd."""
-    import importlib
-
-    for name in filter(None, (n.strip() for n in os.environ.get("TESKD_PLUGINS", "").split(","))):
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise TeskdError(f"TESKD_PLUGINS names {name!r}, which cannot be imported ({exc})") from exc
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may also come after options (`train CFG --out X a.b=1`): argparse
@@ -307,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     except TeskdError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)  # names in messages may come from files
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,15 +11,22 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from numbers import Real
 from pathlib import Path
 
 from teskd import fileio
-from teskd.errors import TeskdError, one_line
+from teskd.errors import TeskdError, printable
 
 FIGSIZE = (12.0, 4.5)  # inches: two panels, each with its legend beside it
 DPI = 120
 MARKER_MAX_POINTS = 40  # beyond this many epochs, dots would crowd the lines
+
+
+def plot_text(text) -> str:
+    """A name from a run's files as matplotlib text: control characters escaped, and ``$`` literal (an odd
+    number of them, or ``$\\frac{$``, would otherwise be parsed as math and fail the whole drawing)."""
+    return printable(text).replace("$", r"\$")
 
 
 def _number(value) -> float | None:
@@ -89,13 +96,13 @@ def _draw_accuracy(ax, records: list[dict], deploy_branch: str) -> None:
         if name == deploy_branch:
             # thick, but under the thin lines (zorder < 2): a branch that equals it stays visible
             ax.plot(epochs, values, **_style(len(epochs), color="black", lw=2.8, ms=5.5, zorder=1.5,
-                                            label=f"{name} (deployed)"))
+                                            label=f"{plot_text(name)} (deployed)"))
         else:
-            ax.plot(epochs, values, **_style(len(epochs), color=colors[name], lw=1.4, label=name))
+            ax.plot(epochs, values, **_style(len(epochs), color=colors[name], lw=1.4, label=plot_text(name)))
     epochs, values = _series(records, "val_acc", deploy_branch)
     if epochs:
         ax.plot(epochs, values, **_style(len(epochs), color="black", lw=1.8, ls="--", mfc="white", zorder=2.5,
-                                        label=f"{deploy_branch} (deployed), val"))
+                                        label=f"{plot_text(deploy_branch)} (deployed), val"))
     if not ax.lines:
         _empty(ax, "test accuracy")
     ax.set_title("test top-1 per branch", fontsize=11)
@@ -116,7 +123,7 @@ def _draw_losses(ax, records: list[dict]) -> None:
             ax.plot(epochs, values, **_style(len(epochs), color="0.6", lw=5, ms=8, alpha=0.7, zorder=1.5,
                                             label="train_loss (total)"))
         else:
-            ax.plot(epochs, values, **_style(len(epochs), color=colors[key], lw=1.4, label=key))
+            ax.plot(epochs, values, **_style(len(epochs), color=colors[key], lw=1.4, label=plot_text(key)))
         drawn += values
     if not drawn:
         _empty(ax, "training loss")
@@ -151,7 +158,7 @@ def draw_curves(records: list[dict], title: str = "", deploy_branch: str = "teac
         ax.tick_params(labelsize=9)
         _legend(ax)
     if title:
-        fig.suptitle(title, fontsize=12)
+        fig.suptitle(plot_text(title), fontsize=12)
     return fig
 
 
@@ -200,26 +207,25 @@ def _deploy_branch(method: str | None) -> str:
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
-    """Redraw a run's curves from ``run_dir/metrics.jsonl`` into ``out`` (default ``run_dir/curves.png``)."""
-    import yaml
-
-    from teskd.engine.metrics import MetricsLog
+    """Redraw a run's curves from ``run_dir/metrics.jsonl`` into ``out`` (default ``run_dir/curves.png``).
+    Its files are read through :mod:`teskd.runfiles` (they may come from anyone)."""
     from teskd.engine.rundir import RunDir
     from teskd.log import log
+    from teskd.runfiles import read_config_yaml, read_metrics
 
     run = RunDir(run_dir)
-    if not run.metrics.is_file():
+    if not os.path.lexists(run.metrics):  # a FIFO or a link to a device is there: read_metrics says what it is
         what = "no such directory" if not run.path.exists() else f"it has no {run.metrics.name}"
         raise TeskdError(f"cannot draw the curves of {run.path}: {what}, so it is not a teskd run directory")
-    records = MetricsLog(run.metrics).read()
+    records = read_metrics(run.metrics)
     if not records:
         raise TeskdError(f"{run.path} has no finished epoch yet ({run.metrics.name} is empty); nothing to draw")
     config = None
-    if run.config.is_file():
+    if os.path.lexists(run.config):
         try:
-            config = yaml.safe_load(run.config.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:  # only the title and label need it
-            log.warning(f"warning: cannot read {run.config} ({one_line(exc, 120)}); drawing without it")
+            config = read_config_yaml(run)
+        except TeskdError as exc:  # only the title and label need it
+            log.warning(f"warning: {printable(exc)}; drawing without it")
     method = config.get("method") if isinstance(config, dict) else None
     name = run.path.resolve().name  # "." has no name of its own
     return plot_curves(records, run.curves if out is None else Path(out), run_title(name, config),

@@ -8,6 +8,8 @@ lookup never depends on import order and no module has to import the plug-ins st
 from __future__ import annotations
 
 import importlib
+import os
+import traceback
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -52,3 +54,37 @@ class Registry(Generic[T]):
 
 
 METHODS: Registry = Registry("method.name", "teskd.methods", "known methods")
+
+
+PLUGINS_ENV = "TESKD_PLUGINS"
+
+
+def _import_failure(name: str, exc: BaseException) -> TeskdError:
+    """One line: the plug-in, ``file:line`` of its failure (the syntax error, else the innermost frame), why."""
+    if isinstance(exc, SyntaxError):
+        where, why = f"{exc.filename}:{exc.lineno}", f"{type(exc).__name__}: {exc.msg}"
+    else:
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+        why = f"{type(exc).__name__}: {exc}"
+    return TeskdError(f"{PLUGINS_ENV} plug-in {name!r} failed to import at {where} ({' '.join(why.split())[:200]})")
+
+
+def load_plugins(value: str | None = None) -> None:
+    """Import the modules named in ``TESKD_PLUGINS`` (comma-separated; ``value`` instead where given): a
+    user's own backbones, methods or datasets register themselves there, with no change to teskd.
+
+    Importing a module RUNS ITS CODE, with the user's rights, in every teskd command (a plug-in is code, not
+    data): name only modules you trust, and never let a shared environment or a stranger's script set the
+    variable. A plug-in that fails to import (a syntax error, an exception at import) is one TeskdError line
+    naming it and the file:line of the failure (``--debug`` shows the traceback)."""
+    value = os.environ.get(PLUGINS_ENV, "") if value is None else value
+    for name in filter(None, (n.strip() for n in value.split(","))):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):  # not there at all
+                raise TeskdError(f"{PLUGINS_ENV} names {name!r}, which cannot be imported ({exc})") from exc
+            raise _import_failure(name, exc) from exc  # a module the plug-in imports is missing
+        except (Exception, SystemExit) as exc:  # noqa: BLE001  (any failure of the plug-in's own code)
+            raise _import_failure(name, exc) from exc

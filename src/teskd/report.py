@@ -11,15 +11,16 @@ import csv
 import io
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from teskd import runfiles
+from teskd.curves import plot_text
 from teskd.engine.metrics import MetricsLog
 from teskd.engine.rundir import CONFIG as CONFIG_NAME, METRICS, SUMMARY, RunDir
-from teskd.errors import TeskdError, one_line
+from teskd.errors import TeskdError, one_line, printable
 
 
 def _run_dir(path: Path) -> RunDir:
@@ -33,24 +34,20 @@ def _run_dir(path: Path) -> RunDir:
     return run
 
 
+SUMMARY_KEYS = ("method", "epochs", "teacher_top1_last", "teacher_top1_best", "selected_on")  # what the table needs
+
+
 def read_summary(run: RunDir) -> dict:
-    try:
-        summary = json.loads(run.summary.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise TeskdError(f"{run.summary} is empty or not valid JSON ({one_line(exc, 200)})") from exc
-    keys = ("method", "epochs", "teacher_top1_last", "teacher_top1_best", "selected_on")  # what the table needs
-    if not isinstance(summary, dict) or not all(k in summary for k in keys):
-        raise TeskdError(f"{run.summary} is not a JSON object with {', '.join(keys)}")
-    return summary
+    """summary.json, its fields checked (:mod:`teskd.runfiles`); a damaged one is one TeskdError line."""
+    return runfiles.read_summary(run, SUMMARY_KEYS)
 
 
-def _is_record(r) -> bool:
-    """An epoch record; one without ``test_acc`` is an epoch that train.eval_every did not evaluate."""
-    if not (isinstance(r, dict) and isinstance(r.get("epoch"), int)):
-        return False
+def _is_record(r: dict) -> bool:
+    """An epoch record with the deployed network's numbers (runfiles has checked the types); one without
+    ``test_acc`` is an epoch that train.eval_every did not evaluate."""
     if "test_acc" not in r:
         return "train_loss" in r
-    return isinstance(r["test_acc"], dict) and isinstance(r["test_acc"].get("teacher"), (int, float))
+    return all("teacher" in r[key] for key in ("test_acc", "val_acc") if key in r)
 
 
 def evaluated(records: list[dict]) -> list[dict]:
@@ -84,10 +81,10 @@ class RunRow:
 
 
 def _row_from_metrics(run: RunDir, records: list[dict], notes: list[str]) -> RunRow:
-    try:  # the table shows "?" where the config is missing or unreadable
-        cfg = yaml.safe_load(run.config.read_text())
+    try:  # the table shows "?" where the config is missing or unreadable (read_run notes why)
+        cfg = runfiles.read_config_yaml(run)
         method, planned = str(cfg["method"]["name"]), int(cfg["train"]["epochs"])
-    except Exception:
+    except Exception:  # noqa: BLE001  (TeskdError, a missing key, a section that is not a mapping)
         method, planned = "?", "?"
     records = evaluated(records)
     selected_on = "val" if all("val_acc" in r for r in records) else "test"
@@ -111,12 +108,12 @@ def run_row(run_dir: Path) -> RunRow:
         try:
             summary = read_summary(run)
         except TeskdError as exc:
-            if not run.metrics.is_file():
+            if not os.path.lexists(run.metrics):
                 raise TeskdError(f"{exc}, and {run.path} has no {METRICS} to report it from instead") from exc
             notes.append(f"{exc}; {run.path.name} is reported from {METRICS}")
     if summary is None:
         return _row_from_metrics(run, read_metrics(run, notes), notes)
-    if run.metrics.is_file():  # a finished run resumed for more epochs has an older summary.json
+    if os.path.lexists(run.metrics):  # a finished run resumed for more epochs has an older summary.json
         try:
             records = read_metrics(run, notes)
         except TeskdError as exc:
@@ -140,11 +137,12 @@ def _labels(run_dirs: list[Path]) -> list[str]:
 def summary_table(run_dirs: list[Path]) -> str:
     """The comparison table of ``run_dirs``, then a ``note:`` line for anything unusual."""
     rows_ = [run_row(r) for r in run_dirs]
-    return "\n".join(_run_table(_labels(run_dirs), rows_) + [f"note: {n}" for r in rows_ for n in r.notes])
+    return "\n".join(_run_table(_labels(run_dirs), rows_) + [f"note: {printable(n)}" for r in rows_ for n in r.notes])
 
 
 def _run_table(labels: list[str], rows_: list[RunRow]) -> list[str]:
-    """One line per run (and the ``unfinished:`` legend when needed); no notes."""
+    """One line per run (and the ``unfinished:`` legend when needed); no notes. Names from run folders are
+    printed with their control characters escaped."""
 
     def num(value, fmt: str) -> str:
         return format(value, fmt) if isinstance(value, (int, float)) and value == value else "-"
@@ -152,8 +150,9 @@ def _run_table(labels: list[str], rows_: list[RunRow]) -> list[str]:
     rows = [("run", "method", "epochs", "top-1 last", "top-1 best", "selected on", "params train",
              "params deploy", "img/s")]
     for label, r in zip(labels, rows_):
-        rows.append((label, r.method, r.epochs, f"{r.top1_last:.2f}", f"{r.top1_best:.2f}", r.selected_on,
-                     num(r.params_train, ","), num(r.params_deploy, ","), num(r.images_per_sec, ".0f")))
+        rows.append((printable(label), printable(r.method), printable(r.epochs), f"{r.top1_last:.2f}",
+                     f"{r.top1_best:.2f}", printable(r.selected_on), num(r.params_train, ","),
+                     num(r.params_deploy, ","), num(r.images_per_sec, ".0f")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
@@ -225,8 +224,8 @@ def _draw_panel(ax, panel: Panel) -> None:
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
     for s in panel.series:
-        ax.plot(s.epochs, s.values, marker="o", ms=3, ls="--" if s.dashed else "-", label=s.label)
-    ax.set_title(panel.title, fontsize=10)
+        ax.plot(s.epochs, s.values, marker="o", ms=3, ls="--" if s.dashed else "-", label=plot_text(s.label))
+    ax.set_title(plot_text(panel.title), fontsize=10)
     ax.set(xlabel="epoch", ylabel=panel.ylabel)
     ax.grid(alpha=0.3)
     if panel.series:
@@ -390,11 +389,9 @@ def _read_config(run: RunDir, notes: list[str]) -> dict:
                      f"{SUMMARY} alone")
         return {}
     try:
-        data = yaml.safe_load(run.config.read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not a mapping")
-    except Exception as exc:
-        notes.append(f"{run.config} cannot be read ({one_line(exc, 120)}): its settings are unknown")
+        data = runfiles.read_config_yaml(run)
+    except TeskdError as exc:
+        notes.append(f"{exc}: the settings of {run.path} are unknown")
         return {}
     return _with_defaults(flatten(data))
 
@@ -423,7 +420,7 @@ def read_run(path: Path, notes: list[str]) -> RunInfo:
     run = RunDir(path)
     config = _read_config(run, notes)
     records = []
-    if run.metrics.is_file():
+    if os.path.lexists(run.metrics):
         with contextlib.suppress(TeskdError):  # already noted by run_row
             records = read_metrics(run, [])
     summary = read_summary(run) if row.finished else None
@@ -632,12 +629,13 @@ def _group_cells(g: Group) -> list[str]:
         return "not measured" if v is None else f"{v / 1e6:,.1f}M"
 
     branches = d["test_acc_last_mean"]
-    return [g.dataset, g.arch, g.width_mult, g.method, g.settings or DASH, str(d["n"]), d["epochs"],
-            _pm(d["top1_last_mean"], d["top1_last_std"]), _pm(d["top1_best_mean"], d["top1_best_std"]),
-            DASH if d["delta_vs_ce"] is None else f"{d['delta_vs_ce']:+.2f}",
-            DASH if d["train_images_per_sec"] is None else f"{d['train_images_per_sec']:,.0f}",
-            count(d["params_train"]), count(d["params_deploy"]), macs(d["macs_train"]), macs(d["macs_deploy"]),
-            " ".join(f"{b}={v:.2f}" for b, v in branches.items()) if len(branches) > 1 else DASH]
+    cells = [g.dataset, g.arch, g.width_mult, g.method, g.settings or DASH, str(d["n"]), d["epochs"],
+             _pm(d["top1_last_mean"], d["top1_last_std"]), _pm(d["top1_best_mean"], d["top1_best_std"]),
+             DASH if d["delta_vs_ce"] is None else f"{d['delta_vs_ce']:+.2f}",
+             DASH if d["train_images_per_sec"] is None else f"{d['train_images_per_sec']:,.0f}",
+             count(d["params_train"]), count(d["params_deploy"]), macs(d["macs_train"]), macs(d["macs_deploy"]),
+             " ".join(f"{b}={v:.2f}" for b, v in branches.items()) if len(branches) > 1 else DASH]
+    return [printable(c) for c in cells]  # names and settings come from run folders
 
 
 def _legend(groups: list[Group]) -> list[str]:
@@ -695,17 +693,16 @@ def format_report(run_dirs: list[Path], fmt: str = "table", notes: list[str] | N
     notes = list(notes or [])
     runs = [read_run(r, notes) for r in run_dirs]
     groups = group_runs(runs, notes)
-    if fmt == "csv":
-        return group_csv(groups), notes
-    if fmt == "json":
-        return json.dumps([g.as_dict() for g in groups], indent=2), notes
+    if fmt in ("csv", "json"):  # the formats escape their own strings; the notes go to the terminal
+        text = group_csv(groups) if fmt == "csv" else json.dumps([g.as_dict() for g in groups], indent=2)
+        return text, [printable(n) for n in notes]
     if fmt == "markdown":
         lines = group_markdown(groups) + [""] + _legend(groups)
     else:
         lines = _run_table(_labels(run_dirs), [r.row for r in runs])
         lines += ["", f"groups (runs with the same settings but the seed; {len(groups)} of them):"]
         lines += group_table(groups) + _legend(groups)
-    return "\n".join(lines + [f"note: {n}" for n in notes]), []
+    return "\n".join(lines + [f"note: {printable(n)}" for n in notes]), []
 
 
 # --- the figure ------------------------------------------------------------------------------------
@@ -770,7 +767,7 @@ def draw_report(groups: list[Group]):
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    labels = [textwrap.fill(label, 44, subsequent_indent="    ") for label in group_labels(groups)]
+    labels = [textwrap.fill(plot_text(label), 44, subsequent_indent="    ") for label in group_labels(groups)]
     colors = [f"C{i % 10}" for i in range(len(groups))]
     top = max(4.4, 0.32 * sum(label.count("\n") + 1 for label in labels) + 1.5)
     fig = Figure(figsize=(16.5, top + 4.6))

@@ -26,7 +26,7 @@ import argparse
 import contextlib
 import fnmatch
 import itertools
-import json
+import math
 import os
 import re
 import shlex
@@ -38,9 +38,8 @@ from typing import Any, Callable
 
 import yaml
 
-from teskd import fileio
-from teskd.config import load_config, parse_override, to_dict
-from teskd.engine.metrics import MetricsLog
+from teskd import fileio, runfiles
+from teskd.config import _check_size, load_config, parse_override, to_dict
 from teskd.engine.rundir import CONFIG, METRICS, SUMMARY, RunDir
 from teskd.engine.signals import Interrupted
 from teskd.errors import TeskdError, one_line
@@ -48,6 +47,9 @@ from teskd.errors import TeskdError, one_line
 SWEEP_KEYS = ("out", "base", "overrides", "seeds", "runs", "grid")
 VARIANT_KEYS = ("config", "overrides")
 COLLECTED = (CONFIG, METRICS, SUMMARY)  # the small files --collect copies; never checkpoints
+# The most runs one sweep file may plan: each is trained one after another, so more is a typo in the grid
+# (the product of its value counts is computed before anything is expanded: 10**12 would not fit in memory).
+MAX_PLANNED_RUNS = 10_000
 # Grid tags: train.epochs=15 -> e15, model.width_mult=0.25 -> w0.25, model.arch=resnet34 -> resnet34; any
 # other key -> <last part of the key>=<value> (the whole key where two grid keys share their last part).
 SHORT_TAGS = {"train.epochs": "e", "model.width_mult": "w", "optim.lr": "lr", "optim.weight_decay": "wd",
@@ -86,13 +88,16 @@ class RunStatus:
     kind: str  # new | partial | done | ahead (finished more epochs than configured)
     done: int  # epochs finished (0 when unknown)
     total: int  # epochs the run would train to
+    problem: str | None = None  # a run file that could not be read (the status is then a lower bound)
 
     def __str__(self) -> str:
         if self.kind == "partial":
-            return f"partial {self.done}/{self.total} epochs"
-        if self.kind == "ahead":
-            return f"ahead: {self.done} epochs finished, train.epochs={self.total} (it would fail)"
-        return self.kind
+            text = f"partial {self.done}/{self.total} epochs"
+        elif self.kind == "ahead":
+            text = f"ahead: {self.done} epochs finished, train.epochs={self.total} (it would fail)"
+        else:
+            text = self.kind
+        return text + (f" (unreadable: {self.problem})" if self.problem else "")
 
 
 # --- the sweep file -------------------------------------------------------------------------------------
@@ -133,11 +138,14 @@ def grid_tag(key: str, value: Any, keys: list[str]) -> str:
 def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise TeskdError(f"sweep file not found: {path}" if not path.exists() else f"sweep file {path} is not a file")
+    text = fileio.read_text(path, "sweep file")  # a regular file of bounded size
     try:
-        return yaml.safe_load(path.read_text())
-    except Exception as exc:  # YAML errors, bad bytes
+        data = yaml.safe_load(text)
+    except Exception as exc:  # YAML errors, deep nesting, bad bytes
         detail = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise TeskdError(f"sweep file {path} is not valid YAML: {detail[:200]}") from exc
+    _check_size(data, f"sweep file {path}")  # aliases nested in each other: messages would expand them
+    return data
 
 
 def _string_list(value: Any, what: str, fail: Callable[[str], TeskdError]) -> list[str]:
@@ -156,6 +164,10 @@ def _string_list(value: Any, what: str, fail: Callable[[str], TeskdError]) -> li
 def _short(value: Any) -> str:
     text = " ".join(repr(value).split())
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def _sets_seed(overrides: list[str]) -> bool:
@@ -210,11 +222,16 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
             if parse_override(override_text(key, value))[1] != value:
                 raise fail(f"grid key {key}: the value {_short(value)} cannot be written as an override")
     grid_keys = list(grid)
-    combos = [tuple(zip(grid_keys, values)) for values in itertools.product(*grid.values())]
-
     variants = data.get("runs")
     if not isinstance(variants, dict) or not variants:
         raise fail("'runs' (named variants, e.g. runs: {ce: {}, teskd: {config: ...}}) is missing or empty")
+    points, n_seeds = math.prod(len(v) for v in grid.values()), len(seeds or [None])
+    planned = len(variants) * points * n_seeds
+    if planned > MAX_PLANNED_RUNS:
+        raise fail(f"it plans {planned:,} runs ({_count(len(variants), 'variant')} x "
+                   f"{_count(points, 'grid combination')} x {_count(n_seeds, 'seed')}), more than the "
+                   f"{MAX_PLANNED_RUNS:,} one sweep file may plan; split it into several sweep files")
+    combos = [tuple(zip(grid_keys, values)) for values in itertools.product(*grid.values())]
     runs, names = [], {}
     for variant, spec in variants.items():
         if not isinstance(variant, str) or not _NAME.fullmatch(variant):
@@ -279,21 +296,23 @@ def run_status(run: PlannedRun) -> RunStatus:
     if rd.config.is_file():
         with contextlib.suppress(TeskdError):
             total = _saved_config(run).train.epochs
-    try:
-        summary = json.loads(rd.summary.read_text()) if rd.summary.is_file() else None
-    except (OSError, UnicodeDecodeError, ValueError):
-        summary = None
-    finished = summary.get("epochs") if isinstance(summary, dict) else None
-    if isinstance(finished, int) and finished == total:
+    problems, finished = [], None
+    if os.path.lexists(rd.summary):
+        try:
+            finished = runfiles.read_summary(rd)["epochs"]
+        except TeskdError as exc:
+            problems.append(str(exc))
+    if finished == total:
         return RunStatus("done", finished, total)
     if not (rd.path.is_dir() and (rd.config.is_file() or rd.has_checkpoint())):
-        return RunStatus("new", 0, total)
+        return RunStatus("new", 0, total, "; ".join(problems) or None)
     try:
-        records = MetricsLog(rd.metrics).read(on_torn=lambda n: None)
-    except TeskdError:
+        records = runfiles.read_metrics(rd.metrics, on_torn=lambda n: None)
+    except TeskdError as exc:
+        problems.append(str(exc))
         records = []
-    done = max([records[-1]["epoch"] if records else 0, finished if isinstance(finished, int) else 0])
-    return RunStatus("ahead" if done > total else "partial", done, total)
+    done = max([records[-1]["epoch"] if records else 0, finished or 0])
+    return RunStatus("ahead" if done > total else "partial", done, total, "; ".join(problems) or None)
 
 
 def saved_differences(run: PlannedRun) -> list[str]:
@@ -442,10 +461,13 @@ def collect(runs: list[PlannedRun], dest: Path, all_runs=None, say: Callable[[st
             continue
         target = dest / run.name
         try:
+            # read before anything is written: a file that is not a regular one of run-file size stops here
+            contents = {name: fileio.read_bytes(src.path / name, "run file", fileio.RUN_FILE_LIMIT)
+                        for name in present}
             target.mkdir(parents=True, exist_ok=True)
             for name in COLLECTED:
                 if name in present:
-                    fileio.atomic_write_bytes(target / name, (src.path / name).read_bytes())
+                    fileio.atomic_write_bytes(target / name, contents[name])
                 else:  # e.g. the summary.json of an earlier collection, before the run was extended
                     fileio.remove(target / name)
         except OSError as exc:

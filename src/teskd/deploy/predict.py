@@ -10,7 +10,7 @@ import torch
 
 from teskd.deploy.preprocess import IMAGE_SUFFIXES, Preprocess, read_image
 from teskd.deploy.source import Deployed
-from teskd.errors import TeskdError
+from teskd.errors import TeskdError, printable
 
 
 @dataclass
@@ -82,9 +82,17 @@ def predict(deployed: Deployed, targets: Sequence[Path | str], topk: int = 5, ba
 
 
 def format_predictions(pred: Predictions) -> str:
-    """One line per image: the file, then ``class probability`` pairs, best first."""
+    """One line per image: the file, then ``class probability`` pairs, best first. File and class names come
+    from strangers (an image's name, a model file's metadata): their control characters are escaped, so a
+    name cannot forge lines or send escape sequences to the terminal (``--json`` keeps them as they are)."""
     if not pred.results:
         return ""
-    width = min(max(len(r["file"]) for r in pred.results), 60)
-    return "\n".join(f"{r['file']:<{width}}  " + "  ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])
-                     for r in pred.results)
+    files = [printable(r["file"]) for r in pred.results]
+    width = min(max(map(len, files)), 60)
+    return "\n".join(f"{f:<{width}}  " + "  ".join(f"{printable(t['class'])} {t['prob']:.3f}" for t in r["top"])
+                     for f, r in zip(files, pred.results))
+
+
+def format_skipped(pred: Predictions) -> list[str]:
+    """One ``skipped FILE: why`` line per unreadable image, names escaped as in :func:`format_predictions`."""
+    return [f"skipped {printable(path)}: {printable(why)}" for path, why in pred.skipped]

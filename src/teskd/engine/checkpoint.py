@@ -35,6 +35,7 @@ from teskd import fileio
 from teskd.errors import TeskdError
 from teskd.fileio import describe_os_error, file_digest
 from teskd.log import log
+from teskd.runfiles import read_digest_text
 
 
 class _HashingWriter:
@@ -72,10 +73,11 @@ def temp_prefix(path: Path) -> str:
 
 
 def read_digests(path: Path) -> list[str]:
-    """The digests a digest file accepts (none when it is missing or unreadable)."""
+    """The digests a digest file accepts (none when it is missing or unreadable: a FIFO, a device or an
+    oversized file in its place is not read, so it vouches for nothing)."""
     try:
-        text = digest_path(path).read_text()
-    except (OSError, UnicodeDecodeError):
+        text = read_digest_text(digest_path(path))
+    except TeskdError:
         return []
     return [line.split()[0] for line in text.splitlines() if line.split()]
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 from teskd import fileio
-from teskd.errors import TeskdError
-from teskd.log import log
+from teskd.runfiles import read_metrics
 
 
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
@@ -37,34 +36,10 @@ class MetricsLog:
 
     def read(self, check: Callable[[dict], bool] | None = None,
              on_torn: Callable[[int], None] | None = None) -> list[dict]:
-        """The epoch records. ``check``: a stricter test of each record; ``on_torn(line)``: told about a
-        torn last line, which is dropped (default: a logged warning). Any other bad line is a TeskdError."""
-        if not self.path.exists():
-            return []
-        try:
-            lines = self.path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise TeskdError(f"cannot read {self.path}: {' '.join(str(exc).split())[:200]}") from exc
-        numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
-        records = []
-        for number, line in numbered:
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
-                    raise ValueError("not an object with an integer epoch")
-                if check is not None and not check(record):
-                    raise ValueError("not a complete epoch record")
-            except ValueError as exc:
-                if number == numbered[-1][0]:  # torn by a kill while it was being written: that epoch is redone
-                    (on_torn or self._warn_torn)(number)
-                    break
-                raise TeskdError(f"{self.path} line {number} is not an epoch record ({exc}); "
-                                 f"the file is damaged or was edited") from exc
-            records.append(record)
-        return records
-
-    def _warn_torn(self, number: int) -> None:
-        log.warning(f"warning: ignoring the incomplete last line ({number}) of {self.path}")
+        """The epoch records (:func:`teskd.runfiles.read_metrics`: a file from a stranger is read with bounds).
+        ``check``: a stricter test of each record; ``on_torn(line)``: told about a torn last line, which is
+        dropped (default: a logged warning). Any other bad line is a TeskdError."""
+        return read_metrics(self.path, check, on_torn)
 
     def reset(self) -> None:
         fileio.atomic_write_text(self.path, "")

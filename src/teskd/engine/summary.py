@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from teskd.errors import TeskdError
@@ -41,7 +39,7 @@ def summarise(trainer, records: list[dict]) -> dict:
         "teacher_top1_max_test": max(r["test_acc"][branch] for r in records),
         "test_acc_last": last["test_acc"],
         **cost(trainer.method, input_size(cfg.data)),
-        "train_images_per_sec": images / seconds if seconds else math.nan,
+        "train_images_per_sec": images / seconds if seconds else None,  # JSON has no NaN (runfiles refuses it)
         "train_hours": seconds / 3600,
         "device": str(trainer.device),
         "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "off",
