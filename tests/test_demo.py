@@ -96,7 +96,7 @@ def check_demo_output(proc, tmp_path: Path) -> str:
     assert (demo / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the exported teacher, evaluated like a user's deployed model: on the whole test split
     data = (tmp_path / "fallback" / "cifar100").resolve()
-    assert f"deployed teacher {demo / 'teskd' / 'teacher.safetensors'} (resnet18, width_mult 0.0625, 100 classes)" in out
+    assert f"deployed network {demo / 'teskd' / 'teacher.safetensors'} (safetensors export, resnet18, width_mult 0.0625, 100 classes)" in out
     assert (f"evaluated on cifar100: the full test split, {100 * TEST_PER_CLASS} images (all test images), "
             f"read from {data}") in out
     assert "What these numbers mean: a 0.0625-width ResNet-18 trained for 1 epochs on 2 images per class" in out

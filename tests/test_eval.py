@@ -130,7 +130,7 @@ def test_deployed_teacher_text_output(capsys, run, data_root):
     code, out, err = eval_text(capsys, str(run / "teacher.safetensors"), f"data.root={data_root}")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == f"deployed teacher {run / 'teacher.safetensors'} (resnet18, width_mult 0.125, 100 classes)"
+    assert lines[0] == f"deployed network {run / 'teacher.safetensors'} (safetensors export, resnet18, width_mult 0.125, 100 classes)"
     assert lines[1] == (f"evaluated on cifar100: the full test split, 300 images (all test images), "
                         f"read from {data_root.resolve()}")
     assert [line.split()[0] for line in lines[4:]] == ["teacher"]
@@ -168,7 +168,7 @@ def test_teacher_file_errors(capsys, run, data_root, tmp_path):
     assert "lacks the metadata arch, num_classes, width_mult" in _one_line_error(capsys, str(bare))
 
     err = _one_line_error(capsys, str(tmp_path / "absent.safetensors"))
-    assert f"no such teacher weights file: {tmp_path / 'absent.safetensors'}" in err
+    assert f"no such export file: {tmp_path / 'absent.safetensors'}" in err
 
     teacher = str(run / "teacher.safetensors")
     err = _one_line_error(capsys, teacher, f"data.root={data_root}", "data.dataset=cifar10")

@@ -50,7 +50,7 @@ def _cmd_eval(args) -> int:
         print(json.dumps(result, indent=2))
     else:
         if result["kind"] == "teacher":
-            print(f"deployed teacher {result['checkpoint']} ({result['arch']}, width_mult "
+            print(f"deployed network {result['checkpoint']} ({result['format']} export, {result['arch']}, width_mult "
                   f"{result['width_mult']:g}, {result['num_classes']} classes)")
         else:
             print(f"checkpoint {result['checkpoint']} (epoch {result['epoch']}, {result['arch']}/{result['method']})")

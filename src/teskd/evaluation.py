@@ -16,8 +16,8 @@ from torch import nn
 from teskd.config import Config, DataConfig, from_dict, resolve_data_root
 from teskd.data.pipeline import class_count, input_size
 from teskd.engine import runtime
-from teskd.deploy.source import checkpoint_path
-from teskd.engine.checkpoint import load_checkpoint, load_model_weights
+from teskd.deploy.source import checkpoint_path, read_checkpoint
+from teskd.engine.checkpoint import build_with_weights
 from teskd.engine.evaluate import evaluate
 from teskd.errors import TeskdError
 
@@ -95,7 +95,7 @@ def evaluate_checkpoint(target: Path, overrides=(), which: str = "last", split: 
     from teskd.build import build_model
 
     path = checkpoint_path(Path(target), which)
-    state = load_checkpoint(path)
+    state = read_checkpoint(path)
     cfg: Config = from_dict(state["config"], _full_overrides(overrides, split, full))
     device = runtime.resolve_device(cfg.train.device)
     amp = runtime.resolve_eval_amp(cfg.train, device)
@@ -104,8 +104,8 @@ def evaluate_checkpoint(target: Path, overrides=(), which: str = "last", split: 
         raise TeskdError(f"checkpoint {path} was trained for {state['num_classes']} classes, "
                          f"but {cfg.data.dataset} has {num_classes}")
     loader, info = load_eval_split(cfg.data, split, device)
-    method = build_model(cfg, num_classes)
-    load_model_weights(method, state["model"], f"checkpoint {path} does not match {cfg.model.arch}/{cfg.method.name}")
+    method = build_with_weights(lambda: build_model(cfg, num_classes), state["model"],
+                                f"checkpoint {path} does not match {cfg.model.arch}/{cfg.method.name}")
     with runtime.settings(cfg.train, device):
         _, model = runtime.prepare_model(method, cfg.train, device)
         acc = evaluate(model, loader, device, amp, channels_last=cfg.train.channels_last,
@@ -129,17 +129,17 @@ class DeployedTeacher(nn.Module):
 
 
 def load_teacher(path: Path) -> tuple[nn.Module, dict]:
-    """The backbone stored in a ``teacher.safetensors`` (metadata arch/num_classes/width_mult), loaded strictly."""
-    from teskd.deploy.source import load_deployed
+    """The deployed network of an export (``teacher.safetensors``, ``.onnx``, ``.pt2``) and its metadata."""
+    from teskd.deploy.source import EXPORT_SUFFIXES, load_deployed
 
     path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        raise TeskdError(f"no such teacher weights file: {path}")
+    if path.suffix.lower() not in EXPORT_SUFFIXES or not path.exists():
+        raise TeskdError(f"no such export file: {path}")
     deployed = load_deployed(path)
     i = deployed.info
     return deployed.model, {"arch": i.arch, "num_classes": i.num_classes, "width_mult": i.width_mult,
                             "trained_on": i.dataset, "teskd_version": i.teskd_version,
-                            "input_size": i.input_size, "resize": i.resize}
+                            "input_size": i.input_size, "resize": i.resize, "format": deployed.kind}
 
 
 def evaluate_teacher(path: Path, overrides=(), split: str = "test", full: bool = False) -> dict:
@@ -149,7 +149,7 @@ def evaluate_teacher(path: Path, overrides=(), split: str = "test", full: bool =
     ``overrides`` (e.g. ``data.root=...``, ``data.test_subset_per_class=5``).
     """
     if split != "test":
-        raise TeskdError("a teacher .safetensors is evaluated on the test split only; the validation split "
+        raise TeskdError("an export is evaluated on the test split only; the validation split "
                          "is defined by a run's config (evaluate the run directory with --split val)")
     from teskd.data.registry import DATASETS
 
@@ -163,6 +163,8 @@ def evaluate_teacher(path: Path, overrides=(), split: str = "test", full: bool =
     if class_count(cfg.data) != meta["num_classes"]:
         raise TeskdError(f"{path} has a {meta['num_classes']}-class head, but {cfg.data.dataset} has "
                          f"{class_count(cfg.data)} classes (set data.dataset=...)")
+    if meta["format"] in ("onnx", "pt2"):  # compiled graphs run where they were built: the CPU, float32
+        cfg.train.device, cfg.train.eval_amp, cfg.train.compile = "cpu", False, False
     device = runtime.resolve_device(cfg.train.device)
     amp = runtime.resolve_eval_amp(cfg.train, device)
     loader, info = load_eval_split(cfg.data, split, device)
@@ -176,9 +178,11 @@ def evaluate_teacher(path: Path, overrides=(), split: str = "test", full: bool =
 
 def evaluate_target(target: Path, overrides=(), which: str = "last", split: str = "test",
                     full: bool = False) -> dict:
-    """``teskd eval TARGET``: a run directory, a ``.pt`` checkpoint or a ``teacher.safetensors``."""
+    """``teskd eval TARGET``: a run directory, a ``.pt`` checkpoint or an export (.safetensors, .onnx, .pt2)."""
+    from teskd.deploy.source import EXPORT_SUFFIXES
+
     target = Path(target)
-    if target.suffix == ".safetensors":
+    if target.suffix.lower() in EXPORT_SUFFIXES:
         return evaluate_teacher(target, overrides, split=split, full=full)
     return evaluate_checkpoint(target, overrides, which=which, split=split, full=full)
 

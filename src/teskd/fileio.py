@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import secrets
 import shutil
 import stat
 from collections.abc import Callable
@@ -143,7 +144,7 @@ def read_bytes(path: Path, what: str, limit: int = MODEL_FILE_LIMIT) -> bytes:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``path`` so that it holds either its old or its new content, never a mix."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # its own name: writers never share one
     try:
         fault_point("write", tmp)
         with open(tmp, "wb") as f:
@@ -152,8 +153,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         replace(tmp, path)
     except OSError as exc:
+        reason = describe_os_error(exc, path)  # before the removal frees the space again
         Path(tmp).unlink(missing_ok=True)
-        raise TeskdError(f"could not write {path}: {describe_os_error(exc, path)}") from exc
+        raise TeskdError(f"could not write {path}: {reason}") from exc
 
 
 def atomic_write_text(path: Path, text: str) -> None:

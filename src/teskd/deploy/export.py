@@ -17,6 +17,9 @@ for MNASNet, load the ``.pth`` above.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 from pathlib import Path
 
 import torch
@@ -65,8 +68,33 @@ def _check_out(out: Path, fmt: str, overwrite: bool) -> None:
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise TeskdError(f"{out} exists; pass --overwrite to replace it (only a teskd export is replaced)")
-        if out.is_symlink() or not _existing_is_export(out, fmt):
+        if out.is_symlink() or not out.is_file() or not _existing_is_export(out, fmt):
             raise TeskdError(f"refusing to overwrite {out}: it is not a teskd {fmt} export")
+
+
+def _staging_prefix(out: Path) -> str:
+    return f".{out.stem}.unverified."
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove staged files of exports to ``out`` that were killed mid-way (their process is gone)."""
+    prefix = _staging_prefix(out)
+    with contextlib.suppress(OSError):
+        for leftover in out.parent.iterdir():
+            name = leftover.name
+            pid = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+            if pid.isdigit() and not _alive(int(pid)) and leftover.is_file() and not leftover.is_symlink():
+                leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _torchvision_twin(info: DeployInfo) -> torch.nn.Module:
@@ -99,7 +127,7 @@ def _write(model: torch.nn.Module, info: DeployInfo, fmt: str, out: Path, opset:
         from teskd.deploy.pt2_format import export_pt2, load_pt2
 
         export_pt2(model, info.input_size, out, meta)
-        return load_pt2(out)[0]
+        return load_pt2(out, run_graph=True)[0]  # verify the graph a serving stack runs, not a rebuild
     import io
 
     from teskd import fileio
@@ -143,18 +171,22 @@ def export(target: Path | str, fmt: str, out: Path | str | None = None, which: s
     model = deployed.model.float().cpu().eval()
     exact = fmt in ("safetensors", "torchvision")  # the same weights: any difference is a bug
     limit = 0.0 if exact else (DEFAULT_BOUND if bound is None else bound)
-    # written and verified under a hidden name first: a failed check never replaces a good export
-    staged = out.with_name(f".{out.stem}.unverified{out.suffix}")
-    for leftover in (staged, staged.with_name(f".{staged.name}.tmp")):  # from an export killed mid-way
-        if leftover.is_file() and not leftover.is_symlink():
-            leftover.unlink()
+    # written and verified under a hidden name of this process's own first: a failed check never replaces a
+    # good export, and two exports to one file never share (or delete) each other's staged file
+    _remove_stale_staging(out)
+    staged = out.with_name(f"{_staging_prefix(out)}{os.getpid()}.{secrets.token_hex(4)}{out.suffix}")
     try:
         loaded = _write(model, deployed.info, fmt, staged, opset)
         diff = max_abs_diff(model, loaded, deployed.info.input_size)
         check_close(diff, limit, f"{fmt} export {out}")
+        digest = fileio.file_digest(staged)
         fileio.replace(staged, out)
     finally:
         staged.unlink(missing_ok=True)
+        staged.with_name(f".{staged.name}.tmp").unlink(missing_ok=True)
+    if fileio.file_digest(out) != digest:  # the file that took the name is not the one verified
+        raise TeskdError(f"{out} was replaced by another export while this one finished; it does not hold the "
+                         f"network of {deployed.source}: run this export again")
     return {"format": fmt, "out": str(out), "bytes": out.stat().st_size, "source": str(deployed.source),
             "epoch": deployed.epoch, "arch": deployed.info.arch, "num_classes": deployed.info.num_classes,
             "input_size": deployed.info.input_size, "max_abs_diff": diff, "bound": limit}

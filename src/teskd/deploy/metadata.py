@@ -14,10 +14,16 @@ import json
 import math
 from dataclasses import dataclass
 
-from teskd.errors import TeskdError
+from teskd.errors import TeskdError, printable
 
 # the keys every teskd export has (older teacher.safetensors files have exactly these three plus extras)
 REQUIRED = ("arch", "num_classes", "width_mult")
+# Upper bounds of what metadata may ask for: a few bytes of metadata must not make teskd build a network or
+# an image of gigabytes before the weights are compared (ImageNet-21k has 21,841 classes; data.image_size is
+# capped at 4096 by the config too).
+MAX_CLASSES = 1_000_000
+MAX_WIDTH_MULT = 16.0
+MAX_IMAGE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -54,15 +60,17 @@ class DeployInfo:
             raise TeskdError(f"{source} lacks the metadata {', '.join(missing)} that teskd writes with the weights "
                              f"(arch, num_classes, width_mult); it was not exported by teskd")
 
-        def number(key: str, kind, default=None):
+        def number(key: str, kind, default=None, limit: float = math.inf):
             if key not in meta:
                 return default
+            shown = printable(meta[key][:40])
             try:
-                value = kind(meta[key])
+                value = kind(meta[key][:40])
             except ValueError:
-                raise TeskdError(f"{source}: bad metadata {key}={meta[key]!r} (expected a {kind.__name__})") from None
-            if not (0 < value < math.inf):
-                raise TeskdError(f"{source}: bad metadata {key}={meta[key]!r} (expected a positive finite number)")
+                raise TeskdError(f"{source}: bad metadata {key}={shown!r} (expected a {kind.__name__})") from None
+            if not (0 < value <= limit and value < math.inf):
+                bound = f" at most {limit:g}" if limit < math.inf else ""
+                raise TeskdError(f"{source}: bad metadata {key}={shown!r} (expected a positive finite number{bound})")
             return value
 
         def triple(key: str, default):
@@ -76,8 +84,8 @@ class DeployInfo:
                 raise TeskdError(f"{source}: bad metadata {key}={meta[key]!r} (expected three numbers)")
             return values
 
-        num_classes = number("num_classes", int)
-        size = number("image_size", int, 32)
+        num_classes = number("num_classes", int, limit=MAX_CLASSES)
+        size = number("image_size", int, 32, limit=MAX_IMAGE_SIZE)
         classes = None
         if meta.get("classes"):
             try:
@@ -87,8 +95,9 @@ class DeployInfo:
             if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
                     and len(classes) == num_classes):
                 raise TeskdError(f"{source}: bad metadata classes (expected a JSON list of {num_classes} names)")
-        info = cls(arch=meta["arch"], num_classes=num_classes, width_mult=number("width_mult", float),
-                   input_size=size, resize=number("resize", int, size), mean=triple("mean", cls.mean),
+        info = cls(arch=meta["arch"], num_classes=num_classes, width_mult=number("width_mult", float,
+                                                                                 limit=MAX_WIDTH_MULT),
+                   input_size=size, resize=number("resize", int, size, limit=MAX_IMAGE_SIZE), mean=triple("mean", cls.mean),
                    std=triple("std", cls.std), classes=tuple(classes) if classes else None,
                    dataset=meta.get("dataset"), config_hash=meta.get("config_hash"),
                    teskd_version=meta.get("teskd_version"))

@@ -20,6 +20,8 @@ from teskd import fileio
 from teskd.deploy.extras import require
 from teskd.errors import TeskdError
 
+ONNX_LIMIT = 2 << 30  # protobuf cannot serialise a single-file model over 2 GiB
+
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -91,8 +93,9 @@ def export_onnx(model: torch.nn.Module, input_size: int, out: Path, metadata: di
             os.fsync(f.fileno())
         fileio.replace(tmp, out)
     except Exception as exc:  # noqa: BLE001 - protobuf's size limit and a full disk both land here
+        reason = fileio.describe_os_error(exc, out)  # before the removal frees space
         tmp.unlink(missing_ok=True)
-        raise TeskdError(f"could not write {out}: {fileio.describe_os_error(exc, out)}") from exc
+        raise TeskdError(f"could not write {out}: {reason}") from exc
     return out
 
 
@@ -109,15 +112,19 @@ def _uses_external_data(onnx, proto) -> bool:
 class OnnxModule(torch.nn.Module):
     """An onnxruntime session (CPU) as a module: float32 NCHW images in, logits out, both torch tensors."""
 
-    def __init__(self, session) -> None:
+    def __init__(self, session, source: str = "the ONNX export") -> None:
         super().__init__()
-        self.session = session
+        self.session, self.source = session, source
         self.input_name = session.get_inputs()[0].name
         self.output_name = session.get_outputs()[0].name
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        (logits,) = self.session.run([self.output_name], {self.input_name: x})
+        try:
+            (logits,) = self.session.run([self.output_name], {self.input_name: x})
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own types: a wrong input size, a missing kernel
+            raise TeskdError(f"onnxruntime could not run {self.source} on a batch of shape {tuple(x.shape)}: "
+                             f"{_short(exc)}") from exc
         return torch.from_numpy(logits)
 
 
@@ -130,7 +137,7 @@ def load_onnx(path: Path) -> tuple[OnnxModule, dict[str, str]]:
     onnx = require("onnx", "loading an ONNX export", "export")
     ort = require("onnxruntime", "loading an ONNX export", "export")
     path = Path(path)
-    data = fileio.read_bytes(path, "ONNX file")
+    data = fileio.read_bytes(path, "ONNX file", ONNX_LIMIT)
     try:
         proto = onnx.load_model_from_string(data)
         if not proto.graph.node and not proto.graph.output:  # protobuf parses many byte strings as "empty"
@@ -147,4 +154,4 @@ def load_onnx(path: Path) -> tuple[OnnxModule, dict[str, str]]:
         session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise TeskdError(f"{path} cannot be run by onnxruntime: {_short(exc)}") from exc
-    return OnnxModule(session).eval(), metadata
+    return OnnxModule(session, str(path)).eval(), metadata

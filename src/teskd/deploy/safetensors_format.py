@@ -29,26 +29,48 @@ def save_safetensors(module: torch.nn.Module, info: DeployInfo, path: Path) -> P
             os.fsync(f.fileno())
         fileio.replace(tmp, path)
     except Exception as exc:  # safetensors reports a full disk as its own error types, not OSError
+        reason = fileio.describe_os_error(exc, path)  # before the removal frees space
         tmp.unlink(missing_ok=True)
-        raise TeskdError(f"could not write {path}: {fileio.describe_os_error(exc, path)}") from exc
+        raise TeskdError(f"could not write {path}: {reason}") from exc
     return path
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], DeployInfo]:
     """The weights and the validated metadata of a teskd safetensors export."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_tensors
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise TeskdError(f"no such weights file: {path}")
+    data = fileio.read_bytes(path, "weights file")  # a regular file of plausible size, read once
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            weights = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
+        meta = _header_metadata(data)
+        info = DeployInfo.from_metadata(meta, str(path))  # bounds checked before any tensor is made
+        weights = load_tensors(data)
+    except (SafetensorError, ValueError) as exc:
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise TeskdError(f"cannot read {path}: not a valid safetensors file ({detail[:200]})") from exc
-    return weights, DeployInfo.from_metadata(meta, str(path))
+    return weights, info
+
+
+MAX_HEADER = 100 << 20  # safetensors' own reader refuses headers over 100 MB
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's JSON header (8-byte little-endian length, then the JSON)."""
+    import json
+
+    if len(data) < 8:
+        raise ValueError("the file is shorter than a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    if not 2 <= size <= min(MAX_HEADER, len(data) - 8):
+        raise ValueError(f"header length {size} does not fit the file")
+    header = json.loads(data[8:8 + size])
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError("its __metadata__ is not a JSON object of strings")
+    return meta
 
 
 def export_teacher(method, path: Path, cfg, num_classes: int, classes=None) -> Path:

@@ -7,6 +7,7 @@ accept the same things. Nothing loaded here runs code from the file: checkpoints
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,15 +33,15 @@ class Deployed:
 
 def build_deployed(weights: dict[str, torch.Tensor], info: DeployInfo, what: str) -> nn.Module:
     """The plain backbone of ``info`` with ``weights`` loaded strictly, in eval mode."""
-    from teskd.engine.checkpoint import load_model_weights
+    from teskd.engine.checkpoint import build_with_weights
     from teskd.models import build_backbone
 
     try:
-        backbone = build_backbone(info.arch, info.num_classes, info.width_mult)
+        backbone = build_with_weights(
+            lambda: build_backbone(info.arch, info.num_classes, info.width_mult), weights,
+            f"{what} does not match {info.arch} (width_mult {info.width_mult:g}, {info.num_classes} classes)")
     except TeskdError as exc:
-        raise TeskdError(f"{what}: {exc}") from exc
-    load_model_weights(backbone, weights, f"{what} does not match {info.arch} (width_mult {info.width_mult:g}, "
-                                          f"{info.num_classes} classes)")
+        raise TeskdError(exc.args[0] if str(exc).startswith(what) else f"{what}: {exc}") from exc
     return backbone.eval()
 
 
@@ -52,21 +53,37 @@ def checkpoint_path(target: Path, which: str = "last") -> Path:
         if not target.exists():
             raise TeskdError(f"no such run directory, checkpoint or export: {target}")
         return target
+    from teskd.engine.checkpoint import previous_path
+
     path = target / "checkpoints" / f"{which}.pt"
-    if not path.is_file():
+    if not path.is_file() and not previous_path(path).is_file():  # mid-save, last.pt may exist as last.prev.pt
         hint = (f"; its deployed weights alone: {target / 'teacher.safetensors'}"
                 if (target / "teacher.safetensors").is_file() else " (is it a teskd run directory?)")
         raise TeskdError(f"{target} has no checkpoints/{which}.pt{hint}")
     return path
 
 
+def read_checkpoint(path: Path, attempts: int = 3) -> dict:
+    """The newest verified checkpoint of ``path``'s family (``last.pt``, else ``last.prev.pt``). A run that is
+    saving while we read renames several files one after another: a read that met that moment is tried again."""
+    from teskd.engine.checkpoint import load_latest
+
+    for attempt in range(attempts):
+        try:
+            return load_latest(path)[0]
+        except TeskdError:
+            if attempt + 1 == attempts:
+                raise
+            time.sleep(0.25)
+    raise AssertionError("unreachable")
+
+
 def from_checkpoint(path: Path) -> Deployed:
     """The deployed network of a teskd checkpoint (only its ``backbone.*`` weights are used, so methods whose
     helpers need other files, such as KD's teacher, load without them)."""
     from teskd.config import from_dict
-    from teskd.engine.checkpoint import load_checkpoint
 
-    state = load_checkpoint(path)
+    state = read_checkpoint(path)
     try:
         cfg = from_dict(state["config"], [])
     except TeskdError as exc:
@@ -93,7 +110,7 @@ def load_deployed(target: Path | str, which: str = "last") -> Deployed:
     or ``.pt2`` export."""
     target = Path(target).expanduser()
     suffix = target.suffix.lower()
-    if suffix in EXPORT_SUFFIXES and not target.is_file():
+    if suffix in EXPORT_SUFFIXES and not target.exists():  # a FIFO or device is named as such by the reader
         raise TeskdError(f"no such export file: {target}")
     if suffix == ".safetensors":
         from teskd.deploy.safetensors_format import read_safetensors

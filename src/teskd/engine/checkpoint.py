@@ -27,7 +27,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -98,10 +98,12 @@ def _serialise(state: dict[str, Any], path: Path) -> tuple[str, str]:
             fileio.fault_point("fsync", tmp)
             os.fsync(f.fileno())
     except BaseException as exc:
+        # torch reports a full disk as RuntimeError("... unexpected pos ..."), not as OSError: the free space is
+        # read while the temporary file still fills the disk (once it is removed, megabytes may be free again)
+        reason = describe_os_error(exc, path) if isinstance(exc, (OSError, RuntimeError)) else None
         Path(tmp).unlink(missing_ok=True)
-        # torch reports a full disk as RuntimeError("... unexpected pos ..."), not as OSError
-        if isinstance(exc, (OSError, RuntimeError)):
-            raise TeskdError(f"could not write checkpoint {path}: {describe_os_error(exc, path)}; "
+        if reason is not None:
+            raise TeskdError(f"could not write checkpoint {path}: {reason}; "
                              f"the previous checkpoint is unchanged") from exc
         raise
     return tmp, writer.sha.hexdigest()
@@ -236,8 +238,13 @@ def state_mismatch(model_state: dict, weights: dict) -> str | None:
     def first(items: list[str]) -> str:
         return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
 
+    # integer weights (e.g. int8) would be cast silently into float parameters: garbage predictions, exit 0
+    kinds = [f"{k} (file {weights[k].dtype}, model {model_state[k].dtype})" for k in model_state
+             if k in weights and isinstance(weights[k], torch.Tensor)
+             and weights[k].is_floating_point() != model_state[k].is_floating_point()]
     parts = [f"{label} {first(items)}" for label, items in
-             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes),
+              ("wrong number types", kinds)) if items]
     return "; ".join(parts) or None
 
 
@@ -250,6 +257,21 @@ def load_model_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor]
         module.load_state_dict(weights)
     except RuntimeError as exc:
         raise TeskdError(f"{what} ({' '.join(str(exc).split())[:300]})") from exc
+
+
+def build_with_weights(build: Callable[[], torch.nn.Module], weights: dict[str, torch.Tensor],
+                       what: str) -> torch.nn.Module:
+    """``build()`` with ``weights`` loaded, built only once the weights are known to fit: first on the meta
+    device (no memory), where keys, shapes and number types are compared. So a small file whose metadata
+    claims a huge network (50 million classes, width x200) fails in one line before anything is allocated."""
+    with torch.device("meta"):
+        skeleton = build()
+    problem = state_mismatch(skeleton.state_dict(), weights)
+    if problem:
+        raise TeskdError(f"{what}: {problem}")
+    module = build()
+    load_model_weights(module, weights, what)
+    return module
 
 
 def load_latest(path: Path) -> tuple[dict[str, Any], Path]:
