@@ -67,6 +67,8 @@ def fake_official_state(shapes, seed=0):
     for key, shape in shapes.items():
         if key.endswith("num_batches_tracked"):
             state[key] = torch.randint(0, 10_000, (), generator=g)
+        elif key.endswith("running_var"):  # a variance: positive (a negative one gives NaN logits)
+            state[key] = torch.rand(shape, generator=g) + 0.5
         else:
             state[key] = torch.randn(shape, generator=g)
     return state

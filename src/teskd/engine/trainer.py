@@ -20,7 +20,7 @@ from teskd.data.pipeline import build_data
 from teskd.engine import distributed, runtime
 from teskd.engine.checkpoint import load_model_weights
 from teskd.engine.checkpointer import Checkpointer
-from teskd.engine.evaluate import evaluate
+from teskd.engine.evaluate import NonFiniteEvaluation, evaluate
 from teskd.engine.meters import EpochMeters, EpochProgress
 from teskd.engine.metrics import MetricsLog, progress_interval
 from teskd.engine.rundir import RunDir, RunLock
@@ -213,7 +213,11 @@ class Trainer:
         record = self.train_one_epoch(epoch, progress)
         improved = False
         if _evaluates(epoch + 1, self.cfg.train):
-            record.update(self.evaluate_epoch())
+            try:
+                record.update(self.evaluate_epoch())
+            except NonFiniteEvaluation as exc:
+                raise TeskdError(f"after epoch {epoch + 1}: {exc}; stopped, the last good checkpoint is "
+                                 f"{self.ckpt_dir / 'last.pt'}") from exc
             branch = self.method.deploy_branch
             selected = record["val_acc" if self.data.val is not None else "test_acc"][branch]
             improved = selected > self.best["score"]
@@ -326,9 +330,9 @@ class Trainer:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         self.train_seconds += seconds - p.seconds
-        self.train_images += meters.seen - p.seen
+        self.train_images += meters.new_samples()
         record = {"epoch": epoch + 1, "lr": lr, **meters.record(), "epoch_seconds": seconds}
-        record["train_images_per_sec"] = (meters.seen - p.seen) * self.world / max(seconds - p.seconds, 1e-9)
+        record["train_images_per_sec"] = meters.new_samples() * self.world / max(seconds - p.seconds, 1e-9)
         record["data_wait_share"] = data_wait / max(seconds - p.seconds, 1e-9)  # time waiting for batches
         return record
 
