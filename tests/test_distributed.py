@@ -175,6 +175,25 @@ def test_mid_epoch_checkpoint_of_two_processes_resumes_only_with_two(data, tmp_p
     assert "stopped inside epoch 1 with 2 processes; resume it with that many" in capsys.readouterr().err
 
 
+def test_two_processes_resumed_mid_epoch_log_the_whole_epochs_metrics(data, tmp_path):
+    """A mid-epoch checkpoint of two processes holds both ranks' running sums: the resumed epoch logs the same
+    training loss and accuracy as the uninterrupted one (it used to log rank 0's half of the first batch only)."""
+    full = tmp_path / "full"
+    assert torchrun(*args(data, "train.checkpoint_every=1", "train.epochs=1"), "--out", str(full)).returncode == 0
+    state = load_checkpoint(full / "checkpoints" / "last.prev.pt")  # after batch 1 of 2
+    assert state["progress"]["step"] == 1 and state["progress"]["seen"] == 10  # both ranks' 5 images
+    run = tmp_path / "resumed"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text((full / "config.yaml").read_text())
+    save_checkpoint(state, run / "checkpoints" / "last.pt", keep_previous=False)
+    resumed = torchrun("--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref, got = (json.loads((r / "metrics.jsonl").read_text()) for r in (full, run))
+    assert got["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-9)
+    assert got["train_acc"] == ref["train_acc"]
+    assert max_diff(full, run) == 0.0
+
+
 @pytest.mark.parametrize("name, branches", [("cskd", {"teacher"}), ("one", {"teacher", "branch2", "branch3",
                                                                              "ensemble"})])
 def test_methods_with_pairs_or_extra_branches_train_in_two_processes(data, tmp_path, name, branches):

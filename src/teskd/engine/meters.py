@@ -17,7 +17,7 @@ class EpochProgress:
     step: int = 0  # batches done
     batch_size: int = 0  # global (all ranks)
     world_size: int = 1
-    seen: int = 0  # samples done (this rank)
+    seen: int = 0  # samples done (all ranks: a snapshot holds the epoch's global sums)
     seconds: float = 0.0
     sums: dict[str, float] = field(default_factory=dict)  # sample-weighted loss terms
     correct: dict[str, int] = field(default_factory=dict)  # per branch
@@ -40,10 +40,15 @@ class EpochMeters:
 
     def __init__(self, device: torch.device, start: EpochProgress):
         self.device = device
-        self.seen = start.seen
+        # a resumed epoch's sums are global (see snapshot): the primary rank carries them, the others start from
+        # zero with the same names, so the epoch's all-reduce counts them once
+        keep = distributed.is_primary()
+        self.start_seen = start.seen if keep else 0
+        self.seen = self.start_seen
         f64 = dict(dtype=torch.float64, device=device)
-        self.sums = {k: torch.tensor(v, **f64) for k, v in start.sums.items()}
-        self.correct = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in start.correct.items()}
+        self.sums = {k: torch.tensor(v if keep else 0.0, **f64) for k, v in start.sums.items()}
+        self.correct = {k: torch.tensor(v if keep else 0, dtype=torch.long, device=device)
+                        for k, v in start.correct.items()}
 
     @torch.no_grad()
     def update(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], logits: dict[str, torch.Tensor],
@@ -56,21 +61,31 @@ class EpochMeters:
             self.correct[name] = self.correct.get(name, 0) + (scores.argmax(1) == labels).sum()
 
     def snapshot(self, progress: EpochProgress) -> EpochProgress:
-        progress.seen = self.seen
-        progress.sums = {k: float(v) for k, v in self.sums.items()}
-        progress.correct = {k: int(v) for k, v in self.correct.items()}
+        """The epoch so far, summed over every rank (a collective: all ranks call it at the same step), so a
+        mid-epoch checkpoint written by the primary rank holds the whole epoch's sums, not its own."""
+        sums, correct, seen = self._reduced()
+        progress.seen = int(seen)
+        progress.sums = sums
+        progress.correct = {k: int(round(v)) for k, v in correct.items()}
         return progress
+
+    def new_samples(self) -> int:
+        """Samples this rank trained since the meters started (a resumed epoch's earlier ones excluded)."""
+        return self.seen - self.start_seen
+
+    def _reduced(self) -> tuple[dict[str, float], dict[str, float], float]:
+        names, correct_names = sorted(self.sums), sorted(self.correct)
+        parts = [torch.stack([self.sums[k] for k in names]).double()] if names else []
+        parts += [torch.stack([self.correct[k] for k in correct_names]).double()] if correct_names else []
+        packed = torch.cat(parts + [torch.tensor([float(self.seen)], dtype=torch.float64, device=self.device)])
+        packed = distributed.all_reduce_sum(packed).tolist()
+        return (dict(zip(names, packed[: len(names)])), dict(zip(correct_names, packed[len(names):-1])),
+                packed[-1])
 
     def record(self) -> dict:
         """Epoch means over all ranks: ``train_loss``, ``loss_<part>``, ``train_acc`` (per branch, %)."""
-        names, correct_names = sorted(self.sums), sorted(self.correct)
-        packed = torch.cat([torch.stack([self.sums[k] for k in names]).double(),
-                            torch.stack([self.correct[k] for k in correct_names]).double(),
-                            torch.tensor([float(self.seen)], dtype=torch.float64, device=self.device)])
-        packed = distributed.all_reduce_sum(packed).tolist()
-        seen = packed[-1]
-        sums = dict(zip(names, packed[: len(names)]))
+        sums, correct, seen = self._reduced()
         record = {"train_loss": sums.pop("loss") / seen}
         record.update({f"loss_{k}": v / seen for k, v in sums.items()})
-        record["train_acc"] = {k: 100.0 * c / seen for k, c in zip(correct_names, packed[len(names):-1])}
+        record["train_acc"] = {k: 100.0 * c / seen for k, c in correct.items()}
         return record
