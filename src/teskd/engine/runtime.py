@@ -128,7 +128,9 @@ def prepare_model(method, cfg: TrainConfig, device: torch.device, distributed_ok
     from teskd.engine import distributed
 
     method.to(device)
-    if cfg.channels_last:
+    if cfg.channels_last and device.type == "cpu" and _crashes_cpu_channels_last(method):
+        _keep_nchw(method)
+    elif cfg.channels_last:
         method.to(memory_format=torch.channels_last)
     model = method
     if distributed_ok and distributed.active():
@@ -138,3 +140,28 @@ def prepare_model(method, cfg: TrainConfig, device: torch.device, distributed_ok
     if cfg.compile:
         model = torch.compile(model)
     return method, model
+
+
+
+def _crashes_cpu_channels_last(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has a 1x1 strided convolution with fewer than 8 input channels.
+
+    torch 2.14.1's CPU kernels corrupt the heap (segfault, "double free or corruption") in the backward of
+    such a convolution in channels_last (seen on an AVX2 machine: the shortcut of a ResNet-18 at width 1/16,
+    4 -> 8 channels, stride 2). Such networks (tiny widths) train in NCHW on the CPU: the same function."""
+    return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+               and m.in_channels < 8 for m in module.modules())
+
+
+def _keep_nchw(method: torch.nn.Module) -> None:
+    from teskd.log import log
+
+    if not getattr(method, "_teskd_nchw", False):
+        method.register_forward_pre_hook(_contiguous_input)  # the loops hand it channels_last images
+        method._teskd_nchw = True
+        log.info("note: train.channels_last is not used for this network on the CPU (torch 2.14's channels_last "
+                 "kernels crash on its 1x1 strided convolutions with < 8 input channels); it trains in NCHW")
+
+
+def _contiguous_input(module, args):
+    return (args[0].contiguous(),) + tuple(args[1:]) if args and isinstance(args[0], torch.Tensor) else None
