@@ -136,6 +136,7 @@ def method_params_class(name: str) -> type[MethodParams]:
 
 
 MAX_SHOWN = 80  # characters of a user value (or key) quoted in an error message
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; a run's resolved config.yaml too
 MAX_NODES = 100_000  # values in a config document, aliases counted each time they are used
 
 _REPR = reprlib.Repr()
@@ -289,10 +290,13 @@ def apply_override(data: dict, parts: list[str], value: Any) -> None:
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
+    if not path.exists():
         raise TeskdError(f"config file not found: {path}")
+    from teskd import fileio
+
+    text = fileio.read_text(path, "config file", MAX_CONFIG_BYTES)  # regular files only: a FIFO cannot hang us
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except Exception as exc:  # also values YAML recognises but cannot build, deep nesting, bad bytes
         detail = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise TeskdError(f"config file {path} is not valid YAML: {_clip(detail, 200)}") from exc

@@ -81,8 +81,8 @@ def _remove_stale_staging(out: Path) -> None:
     prefix = _staging_prefix(out)
     with contextlib.suppress(OSError):
         for leftover in out.parent.iterdir():
-            name = leftover.name
-            pid = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+            name = leftover.name.removeprefix(".") if leftover.name.startswith("." + prefix) else leftover.name
+            pid = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""  # also the writer's .tmp
             if pid.isdigit() and not _alive(int(pid)) and leftover.is_file() and not leftover.is_symlink():
                 leftover.unlink(missing_ok=True)
 

@@ -59,8 +59,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._device import _device_constructors  # private: the factories that torch.device(...) redirects
 
 from teskd import fileio
 from teskd.deploy.pt2_operators import Refused, check_graph
@@ -372,22 +370,12 @@ def _network_spec(metadata: dict[str, str]) -> tuple[str, int, float] | None:
     return (arch, classes, width) if classes >= 1 and 0 < width < math.inf else None
 
 
-class _MetaOnly(TorchFunctionMode):
-    """Every tensor made while active lives on the meta device, even where the code asks for another device: a
-    constructor that would compute with real tensors fails instead of allocating (see _rebuild)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func in _device_constructors():
-            kwargs["device"] = torch.device("meta")
-        return func(*args, **kwargs)
-
-
 def _rebuild(archive: _Archive, weights: dict[str, _Stored], metadata: dict[str, str]) -> torch.nn.Module | None:
     """The network the metadata names, built by teskd with the archive's weights; None when teskd cannot build it
     here. Refused when the metadata and the stored weights disagree, before anything of the claimed size exists."""
     from teskd.engine.checkpoint import load_model_weights
     from teskd.models import build_backbone, list_backbones
+    from teskd.models.meta_build import build_on_meta
 
     spec = _network_spec(metadata)
     if spec is None:
@@ -403,8 +391,7 @@ def _rebuild(archive: _Archive, weights: dict[str, _Stored], metadata: dict[str,
             return None
     claimed = f"{arch} (width_mult {width:g}, {num_classes} classes)"
     try:
-        with torch.device("meta"), _MetaOnly():
-            skeleton = build_backbone(arch, num_classes, width)
+        skeleton = build_on_meta(lambda: build_backbone(arch, num_classes, width))
     except Exception as exc:  # noqa: BLE001 - unknown arch, missing library, a constructor that needs real tensors
         if arch in list_backbones():  # teskd's own: every export of it builds, so the metadata is wrong
             raise _Unsafe(f"its metadata's {_shown(claimed)} cannot be built ({_short(exc)})") from exc

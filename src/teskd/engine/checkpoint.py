@@ -264,8 +264,9 @@ def build_with_weights(build: Callable[[], torch.nn.Module], weights: dict[str, 
     """``build()`` with ``weights`` loaded, built only once the weights are known to fit: first on the meta
     device (no memory), where keys, shapes and number types are compared. So a small file whose metadata
     claims a huge network (50 million classes, width x200) fails in one line before anything is allocated."""
-    with torch.device("meta"):
-        skeleton = build()
+    from teskd.models.meta_build import build_on_meta
+
+    skeleton = build_on_meta(build)
     problem = state_mismatch(skeleton.state_dict(), weights)
     if problem:
         raise TeskdError(f"{what}: {problem}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from teskd.models.meta_build import build_on_meta, on_meta
 from teskd.errors import TeskdError
 from teskd.models.backbones.library import LibraryBackbone
 from teskd.models.stage_probe import StageTap
@@ -64,15 +65,9 @@ def build_library_model(arch: str, num_classes: int) -> nn.Module:
     """The unmodified library network ``arch`` ("tv:NAME" or "timm:NAME") with a ``num_classes`` head."""
     prefix, name = arch.split(":", 1)
     build = _torchvision_model if prefix == "tv" else _timm_model
-    on_meta = torch.get_default_device().type == "meta"
-    try:
-        return build(name, num_classes)
-    except (NotImplementedError, RuntimeError) as exc:
-        if not on_meta:
-            raise
-        # some constructors compute with tensors (RegNet's widths): build for real, then drop the data
-        with torch.device("cpu"):
-            return build(name, num_classes).to("meta")
+    if on_meta():  # some constructors compute their layout with tensors (RegNet's widths): that part on the CPU
+        return build_on_meta(lambda: build(name, num_classes))
+    return build(name, num_classes)
 
 
 def library_backbone(arch: str, num_classes: int, width_mult: float = 1.0) -> LibraryBackbone:
