@@ -1,16 +1,31 @@
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CIFAR100 = REPO.parent / "shared" / "data" / "cifar100"
+# Where the real-data tests look, first match wins: $TESKD_DATA (what teskd itself reads), then the
+# offline copy beside the repository.
+DATA_FOLDERS = [Path(p) for p in (os.environ.get("TESKD_DATA"), REPO.parent / "shared" / "data") if p]
+DATA_HINT = "set TESKD_DATA to the folder holding it, e.g. TESKD_DATA=/path/to/datasets make test"
+
+
+def find_data(name: str, marker: str) -> Path:
+    """``FOLDER/name`` of the first data folder whose ``name/marker`` exists (else that of the first folder)."""
+    for folder in DATA_FOLDERS:
+        if (folder / name / marker).exists():
+            return folder / name
+    return DATA_FOLDERS[0] / name
+
+
+SHARED_CIFAR100 = find_data("cifar100", "train.npz")
 
 
 @pytest.fixture
 def cifar100_root() -> Path:
-    """The real CIFAR-100 (npz layout) beside the repository; skipped, visibly, if absent."""
+    """The real CIFAR-100 (npz layout) under $TESKD_DATA or ../shared/data; skipped, visibly, if absent."""
     if not (SHARED_CIFAR100 / "train.npz").is_file():
-        pytest.skip(f"real CIFAR-100 not found at {SHARED_CIFAR100} (see ../shared/data/README.md)")
+        pytest.skip(f"real CIFAR-100 (cifar100/train.npz, test.npz) not found at {SHARED_CIFAR100}: {DATA_HINT}")
     return SHARED_CIFAR100
 
 
@@ -49,7 +64,7 @@ def randomize_bn(module, seed: int = 0) -> None:
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
 
 
-IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette-mini"
+IMAGENETTE = find_data("imagenette-mini", "train")
 
 
 def train_imagenette(out: Path, eval_resize: int = 36) -> Path:
@@ -57,7 +72,7 @@ def train_imagenette(out: Path, eval_resize: int = 36) -> Path:
     from teskd.cli import main
 
     if not (IMAGENETTE / "train").is_dir():
-        pytest.skip(f"imagenette-mini not found at {IMAGENETTE} (see ../shared/data/README.md)")
+        pytest.skip(f"imagenette-mini (train/, val/) not found at {IMAGENETTE}: {DATA_HINT}")
     args = [f"data.root={IMAGENETTE}", "data.image_size=32", f"data.eval_resize={eval_resize}",
             "data.subset_per_class=2", "data.test_subset_per_class=2", "data.batch_size=10", "data.workers=0",
             "model.width_mult=0.0625", "train.epochs=1", "schedule.warmup_epochs=0", "train.progress=false",

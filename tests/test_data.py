@@ -20,7 +20,7 @@ from teskd.data.registry import DatasetSpec, get_dataset_spec, register_dataset
 from teskd.data.splits import first_k_per_class, split_val_per_class
 from teskd.errors import TeskdError
 
-REAL_CIFAR100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar100"
+from conftest import DATA_HINT, SHARED_CIFAR100 as REAL_CIFAR100  # $TESKD_DATA, then ../shared/data
 NAMES100 = [f"class{i:02d}" for i in range(100)]
 NAMES10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -408,7 +408,7 @@ def test_registry(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not (REAL_CIFAR100 / "train.npz").is_file(),
-                    reason=f"real CIFAR-100 not found at {REAL_CIFAR100}")
+                    reason=f"real CIFAR-100 not found at {REAL_CIFAR100}: {DATA_HINT}")
 def test_real_cifar100():
     tr = load_cifar("cifar100", REAL_CIFAR100, train=True)
     te = load_cifar("cifar100", REAL_CIFAR100, train=False)

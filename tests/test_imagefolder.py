@@ -21,7 +21,7 @@ from teskd.data.pipeline import DataBundle, build_data
 from teskd.data.registry import get_dataset_spec
 from teskd.errors import TeskdError
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette-mini"
+from conftest import DATA_HINT, IMAGENETTE as REAL  # $TESKD_DATA, then ../shared/data
 CLASSES = ["cat", "dog", "fox"]
 SIZES = [(37, 29), (45, 51), (33, 64), (50, 41)]  # (width, height), all different
 CPU = torch.device("cpu")
@@ -249,7 +249,7 @@ def test_skip_drops_counts_and_warns_once_leaving_the_rest_intact(tmp_path, caps
 
 def test_real_imagenette_mini_end_to_end():
     if not (REAL / "train").is_dir():
-        pytest.skip(f"imagenette-mini not found at {REAL} (see ../shared/data/README.md)")
+        pytest.skip(f"imagenette-mini not found at {REAL}: {DATA_HINT}")
     cfg = DataConfig(dataset="imagefolder", root=str(REAL), image_size=32, batch_size=16, eval_batch_size=16,
                      workers=2)
     bundle = build_data(cfg, CPU, seed=0, splits=("train", "test"))
