@@ -156,8 +156,9 @@ def evaluate_teacher(path: Path, overrides=(), split: str = "test", full: bool =
     backbone, meta = load_teacher(Path(path))
     sizes = {"input_size": meta.pop("input_size"), "resize": meta.pop("resize")}
     base = {"data": {"dataset": meta["trained_on"]}} if meta["trained_on"] else {}
-    if meta["trained_on"] in DATASETS.names() and DATASETS.get(meta["trained_on"]).build_splits is not None:
-        # image folders: evaluate with the sizes the network was trained for (overrides may still change them)
+    if meta["trained_on"] in DATASETS.names():
+        # evaluate with the sizes the network was trained for (overrides may still change them); a dataset
+        # whose spec fixes its sizes (in-memory arrays) ignores them
         base["data"].update(image_size=sizes["input_size"], eval_resize=sizes["resize"])
     cfg: Config = from_dict(base, _full_overrides(overrides, split, full))
     if class_count(cfg.data) != meta["num_classes"]:

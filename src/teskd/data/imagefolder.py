@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from teskd.config import DataConfig
+from teskd.config import DataConfig, resolve_data_root
 from teskd.data.augment import normalize
+from teskd.data.center_crop import resize_center_crop
 from teskd.data.decode import IMAGE_SUFFIXES, SOURCE_LINE, BadImage, decode_rgb, read_rgb  # noqa: F401 (re-exported)
 from teskd.data.listing import class_folders, list_files
 from teskd.data.pipeline import DataBundle, select_splits
@@ -150,43 +151,66 @@ def train_transform(size: int, hflip: bool, autoaugment: bool = False) -> Callab
     return v2.Compose([v2.RandomResizedCrop(size, antialias=True), *flip, *auto])
 
 
-def eval_transform(size: int, resize: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    from torchvision.transforms import v2
-
-    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
+eval_transform = resize_center_crop  # (size, resize) -> uint8 image transform; the former name
 
 
-def _loader(files: ImageFiles | None, training: bool, cfg: DataConfig, spec: DatasetSpec, device, seed: int,
-            rank: int, world_size: int) -> TorchLoader | None:
+@dataclass(frozen=True)
+class FolderTransforms:
+    """An image-folder dataset's per-sample transforms (uint8 (3, H, W) -> uint8 (3, crop, crop)), run in the
+    loader's workers. ``evaluation`` must be what the spec's ``sizes`` say (resize the shorter side, centre crop):
+    exports record those sizes as the preprocessing a deployer applies."""
+
+    train: Callable[..., Callable] = field(default=train_transform)  # (size, hflip, autoaugment) -> transform
+    evaluation: Callable[..., Callable] = field(default=resize_center_crop)  # (size, resize) -> transform
+
+
+def _loader(files: ImageFiles | None, training: bool, cfg: DataConfig, spec: DatasetSpec, transforms: FolderTransforms,
+            device, seed: int, rank: int, world_size: int) -> TorchLoader | None:
     if files is None:
         return None
-    size, resize = image_sizes(cfg, spec)
+    size, resize = spec.image_sizes(cfg)
     return TorchLoader(
         FolderImages(files), cfg.batch_size if training else cfg.eval_batch_size, shuffle=training,
         drop_last=False, device=device,
-        transform=train_transform(size, cfg.hflip, cfg.autoaugment) if training else eval_transform(size, resize),
+        transform=transforms.train(size, cfg.hflip, cfg.autoaugment) if training else transforms.evaluation(size, resize),
         device_transform=partial(normalize, mean=spec.mean, std=spec.std), seed=seed, rank=rank,
         world_size=world_size, num_workers=cfg.workers, persistent_workers=True, prefetch_factor=_PREFETCH,
         on_bad_sample=cfg.on_bad_image)
 
 
 def build_folder_splits(cfg: DataConfig, splits: Collection[str], root: Path, *, device, seed: int,
-                        rank: int = 0, world_size: int = 1) -> DataBundle:
+                        rank: int = 0, world_size: int = 1, transforms: FolderTransforms = FolderTransforms()
+                        ) -> DataBundle:
     """The ``build_splits`` of an image-folder dataset (see :class:`DatasetSpec`)."""
     spec = get_dataset_spec(cfg.dataset)
-    image_sizes(cfg, spec)  # a bad size is reported before the (slow) listing
+    spec.image_sizes(cfg)  # a bad size is reported before the (slow) listing
     if cfg.cutout:
         raise TeskdError(f"data.cutout is implemented for in-memory datasets (CIFAR), not for {cfg.dataset}; "
                          f"set data.cutout=0")
     classes = find_image_classes(root, cfg.dataset, spec.num_classes, cfg)
     read = lambda train: list_images(root, "train" if train else "val", classes, cfg.dataset)  # noqa: E731
     train, val, test = select_splits(cfg, splits, root, read, len(classes))
-    make = partial(_loader, cfg=cfg, spec=spec, device=device, seed=seed, rank=rank, world_size=world_size)
+    make = partial(_loader, cfg=cfg, spec=spec, transforms=transforms, device=device, seed=seed, rank=rank,
+                   world_size=world_size)
     return DataBundle(train=make(train, True), val=make(val, False), test=make(test, False),
                       num_classes=len(classes), classes=classes)
 
 
-register_dataset(DatasetSpec("imagefolder", None, IMAGENET_MEAN, IMAGENET_STD, _IMAGE_SIZE,
-                             build_splits=build_folder_splits))
-register_dataset(DatasetSpec("imagenet", 1000, IMAGENET_MEAN, IMAGENET_STD, _IMAGE_SIZE,
-                             build_splits=build_folder_splits))
+def folder_classes(cfg: DataConfig) -> list[str]:
+    """The ``class_names`` of an image-folder dataset: its class folders, in label order."""
+    return find_image_classes(resolve_data_root(cfg), cfg.dataset, get_dataset_spec(cfg.dataset).num_classes, cfg)
+
+
+def folder_dataset(name: str, num_classes: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                   image_size: int = _IMAGE_SIZE, transforms: FolderTransforms = FolderTransforms(),
+                   sizes: Callable[[DataConfig, DatasetSpec], tuple[int, int]] = image_sizes,
+                   checkpoint_minutes: float = 30.0) -> DatasetSpec:
+    """The spec of a dataset in the image-folder layout (``num_classes`` None: any number of class folders).
+    ``sizes`` gives evaluation's ``(crop, resize)`` and must agree with ``transforms.evaluation``."""
+    return DatasetSpec(name, num_classes, tuple(mean), tuple(std), image_size,
+                       build_splits=partial(build_folder_splits, transforms=transforms), class_names=folder_classes,
+                       sizes=sizes, checkpoint_minutes=checkpoint_minutes)
+
+
+register_dataset(folder_dataset("imagefolder"))
+register_dataset(folder_dataset("imagenet", 1000))

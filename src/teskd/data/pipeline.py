@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -12,22 +11,15 @@ import torch
 
 from teskd.config import DataConfig, resolve_data_root
 from teskd.data.augment import BatchAugment, normalize
-from teskd.data.loader import Loader
+from teskd.data.bundle import DataBundle
 from teskd.data.memory_loader import InMemoryLoader
 from teskd.data.registry import DatasetSpec, get_dataset_spec
 from teskd.data.splits import first_k_per_class, split_val_per_class
 from teskd.errors import TeskdError
 
 SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class DataBundle:
-    train: Loader | None  # None: not asked for
-    val: Loader | None  # None: not asked for, or data.val_per_class=0
-    test: Loader | None
-    num_classes: int
-    classes: list[str] | None = None  # the class names in label order (None: unknown)
+__all__ = ["DataBundle", "SPLITS", "build_data", "check_splits", "class_count", "input_size", "load_splits",
+           "select_splits"]
 
 
 def check_splits(splits: Collection[str]) -> None:
@@ -127,16 +119,10 @@ def build_data(cfg: DataConfig, device: torch.device, seed: int, rank: int = 0, 
 
 
 def input_size(cfg: DataConfig) -> int:
-    """The training image size: ``data.image_size`` for datasets read from files, the arrays' size otherwise."""
-    spec = get_dataset_spec(cfg.dataset)
-    return (cfg.image_size or spec.image_size) if spec.build_splits is not None else spec.image_size
+    """The size of the network's input images (the dataset's spec decides whether data.image_size applies)."""
+    return get_dataset_spec(cfg.dataset).input_size(cfg)
 
 
 def class_count(cfg: DataConfig) -> int:
-    """The number of classes: fixed by the dataset, or (image folders) counted from the class folders."""
-    spec = get_dataset_spec(cfg.dataset)
-    if spec.num_classes is not None:
-        return spec.num_classes
-    from teskd.data.imagefolder import find_image_classes
-
-    return len(find_image_classes(resolve_data_root(cfg), cfg.dataset, None, cfg))
+    """The number of classes: fixed by the dataset, or counted in its data (an image folder's class folders)."""
+    return get_dataset_spec(cfg.dataset).class_count(cfg)

@@ -3,8 +3,8 @@
 Stored as string key/values in every export (safetensors header, ONNX ``metadata_props``, a
 JSON file inside a ``.pt2``), so an export alone is enough to rebuild and use the network.
 Preprocessing: resize the shorter side to ``resize`` (bilinear, antialiased), centre-crop
-``input_size``, scale to [0, 1], normalise with ``mean``/``std`` — what evaluation does with
-image folders; for CIFAR-size data ``resize == input_size``.
+``input_size``, scale to [0, 1], normalise with ``mean``/``std`` — the dataset spec's
+``preprocessing`` (image folders: evaluation's sizes; CIFAR-size arrays: ``resize == input_size``).
 """
 
 from __future__ import annotations
@@ -109,18 +109,11 @@ class DeployInfo:
     def from_config(cls, cfg, num_classes: int, classes=None) -> DeployInfo:
         """What a run of ``cfg`` deploys: its backbone, the dataset's evaluation preprocessing."""
         from teskd import __version__
-        from teskd.data.pipeline import input_size
         from teskd.data.registry import get_dataset_spec
 
-        spec = get_dataset_spec(cfg.data.dataset)
-        size = input_size(cfg.data)
-        resize = size
-        if spec.build_splits is not None:  # image folders: evaluation resizes, then centre-crops
-            from teskd.data.imagefolder import image_sizes
-
-            size, resize = image_sizes(cfg.data, spec)
+        p = get_dataset_spec(cfg.data.dataset).preprocessing(cfg.data)
         return cls(arch=cfg.model.arch, num_classes=num_classes, width_mult=float(cfg.model.width_mult),
-                   input_size=size, resize=resize, mean=tuple(spec.mean), std=tuple(spec.std),
+                   input_size=p.input_size, resize=p.resize, mean=tuple(p.mean), std=tuple(p.std),
                    classes=tuple(classes) if classes else None, dataset=cfg.data.dataset,
                    config_hash=config_hash(cfg), teskd_version=__version__)
 

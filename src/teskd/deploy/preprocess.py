@@ -26,10 +26,10 @@ class Preprocess:
     """``preprocess(image) -> float32 (3, S, S)``; ``image``: a path, a PIL image, or a uint8 (3, H, W) tensor."""
 
     def __init__(self, info: DeployInfo):
-        from teskd.data.imagefolder import eval_transform
+        from teskd.data.center_crop import resize_center_crop
 
         self.info = info
-        self.crop = eval_transform(info.input_size, info.resize)
+        self.crop = resize_center_crop(info.input_size, info.resize)
 
     def __call__(self, image) -> torch.Tensor:
         from teskd.data.augment import normalize
