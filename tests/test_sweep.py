@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import types
 
 import pytest
 import yaml
@@ -239,9 +240,12 @@ def test_signal_stops_before_the_next_run(three_runs, capsys, monkeypatch, insid
     def fake_run(run):
         started.append(run.name)
         if inside_trainer:  # as the trainer does: its own handler while it trains
-            previous = signal.signal(signal.SIGTERM, lambda *a: None)
-            os.kill(os.getpid(), signal.SIGTERM)
-            signal.signal(signal.SIGTERM, previous)
+            from teskd.engine.signals import stop_on_signals
+
+            trainer = types.SimpleNamespace(stop_signal=None)
+            with stop_on_signals(trainer):
+                os.kill(os.getpid(), signal.SIGTERM)
+            assert trainer.stop_signal == "SIGTERM"  # the trainer saw it (and would have saved)
         else:
             os.kill(os.getpid(), signal.SIGTERM)
         return "trained"

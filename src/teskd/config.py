@@ -289,23 +289,30 @@ def apply_override(data: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, what: str, limit: int = MAX_CONFIG_BYTES) -> Any:
+    """The YAML document of a user's file (a config, a sweep file): a regular file of at most ``limit`` bytes,
+    parsed safely, its alias-expanded size checked; any problem is one TeskdError line naming ``what``."""
     if not path.exists():
-        raise TeskdError(f"config file not found: {path}")
+        raise TeskdError(f"{what} not found: {path}")
     from teskd import fileio
 
-    text = fileio.read_text(path, "config file", MAX_CONFIG_BYTES)  # regular files only: a FIFO cannot hang us
+    text = fileio.read_text(path, what, limit)  # regular files only: a FIFO cannot hang us
     try:
         data = yaml.safe_load(text)
     except Exception as exc:  # also values YAML recognises but cannot build, deep nesting, bad bytes
         detail = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise TeskdError(f"config file {path} is not valid YAML: {_clip(detail, 200)}") from exc
+        raise TeskdError(f"{what} {path} is not valid YAML: {_clip(detail, 200)}") from exc
+    _check_size(data, f"{what} {path}")
+    return data
+
+
+def _read_yaml(path: Path) -> dict:
+    data = read_yaml(path, "config file")
     if data is None:  # an empty file, only comments, or a bare `null`: most likely not what was meant
         raise TeskdError(f"config file {path} is empty (no settings, only comments or null); put settings "
                          f"in it, or give no config file to start from the defaults")
     if not isinstance(data, dict):
         raise TeskdError(f"config file {path} must hold a mapping at the top level, got {_short(data)}")
-    _check_size(data, f"config file {path}")
     return data
 
 

@@ -22,7 +22,6 @@ checkpoint, resumed otherwise; a run whose summary.json has the configured epoch
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fnmatch
 import itertools
@@ -31,7 +30,6 @@ import os
 import re
 import shlex
 import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,9 +37,9 @@ from typing import Any, Callable
 import yaml
 
 from teskd import fileio, runfiles
-from teskd.config import _check_size, load_config, parse_override, to_dict
+from teskd.config import _short, load_config, parse_override, read_yaml, to_dict
 from teskd.engine.rundir import CONFIG, METRICS, SUMMARY, RunDir
-from teskd.engine.signals import Interrupted
+from teskd.engine.signals import Interrupted, stop_on_signals
 from teskd.errors import TeskdError, one_line
 
 SWEEP_KEYS = ("out", "base", "overrides", "seeds", "runs", "grid")
@@ -136,16 +134,9 @@ def grid_tag(key: str, value: Any, keys: list[str]) -> str:
 
 
 def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise TeskdError(f"sweep file not found: {path}" if not path.exists() else f"sweep file {path} is not a file")
-    text = fileio.read_text(path, "sweep file")  # a regular file of bounded size
-    try:
-        data = yaml.safe_load(text)
-    except Exception as exc:  # YAML errors, deep nesting, bad bytes
-        detail = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise TeskdError(f"sweep file {path} is not valid YAML: {detail[:200]}") from exc
-    _check_size(data, f"sweep file {path}")  # aliases nested in each other: messages would expand them
-    return data
+    if path.exists() and not path.is_file():
+        raise TeskdError(f"sweep file {path} is not a file")
+    return read_yaml(path, "sweep file", fileio.RUN_FILE_LIMIT)
 
 
 def _string_list(value: Any, what: str, fail: Callable[[str], TeskdError]) -> list[str]:
@@ -159,11 +150,6 @@ def _string_list(value: Any, what: str, fail: Callable[[str], TeskdError]) -> li
         except TeskdError as exc:
             raise fail(f"{what}: {exc}") from exc
     return list(value)
-
-
-def _short(value: Any) -> str:
-    text = " ".join(repr(value).split())
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _count(n: int, noun: str) -> str:
@@ -333,10 +319,9 @@ def run_one(run: PlannedRun) -> str:
     artifacts rewritten), unless it is done: then nothing is built. Returns "done" or "trained"."""
     if run_status(run).kind == "done":
         return "done"
-    from teskd.cli import _cmd_train
+    from teskd.api import train
 
-    _cmd_train(argparse.Namespace(config=str(run.config), overrides=list(run.overrides), out=str(run.out),
-                                  resume=str(run.out), overwrite=False))
+    train(str(run.config), out=run.out, resume=True, overrides=list(run.overrides))
     return "trained"
 
 
@@ -351,50 +336,11 @@ class SweepStopped(TeskdError):
 
 
 class _StopWatch:
-    """Notices SIGINT/SIGTERM for the sweep. Between runs a signal stops at once (KeyboardInterrupt; nothing
-    is being written then). During a run the trainer's own handler takes over (save, then stop); a signal it
-    received is still seen here through the signal wake-up fd, so a run that finished anyway (the signal came
-    in its last epoch) is not followed by the next one."""
+    """What :func:`teskd.engine.signals.stop_on_signals` sets: the first SIGINT/SIGTERM asks the sweep to stop
+    before its next run (and the run training now to save and stop: it inherits the request); a signal the
+    run's trainer received is the sweep's too, so a run that finished anyway is not followed by the next."""
 
-    def __init__(self):
-        self.signal: str | None = None
-        self._active = threading.current_thread() is threading.main_thread()
-
-    def __enter__(self):
-        if not self._active:
-            return self
-        self._read, write = os.pipe()
-        os.set_blocking(self._read, False)
-        os.set_blocking(write, False)
-        self._write = write
-        self._old_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-        self._old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handler(self, signum, _frame):
-        self.signal = signal.Signals(signum).name
-        raise KeyboardInterrupt
-
-    def received(self) -> str | None:
-        """A stop signal received since the last call (drains the wake-up fd)."""
-        if not self._active:
-            return None
-        found = None
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            while data := os.read(self._read, 512):
-                for number in data:
-                    if number in (signal.SIGINT, signal.SIGTERM):
-                        found = signal.Signals(number).name
-        return found
-
-    def __exit__(self, *exc):
-        if not self._active:
-            return
-        for s, old in self._old.items():
-            signal.signal(s, old)
-        signal.set_wakeup_fd(self._old_fd)
-        os.close(self._read)
-        os.close(self._write)
+    stop_signal: str | None = None
 
 
 def _exit_code(name: str) -> int:
@@ -407,14 +353,16 @@ def run_sweep(sweep: Sweep, runs: list[PlannedRun], say: Callable[[str], None] =
     has saved) with SweepStopped."""
     again = f"run `teskd sweep {sweep.path}` again to resume (finished runs are skipped)"
     failures, trained, skipped = [], 0, 0
-    with _StopWatch() as watch:
+    watch = _StopWatch()
+    with stop_on_signals(watch):
         previous = None
         for i, run in enumerate(runs, 1):
             try:
-                name = watch.received()
+                name = watch.stop_signal
                 if name:
-                    raise SweepStopped(f"{name} received while {previous} ran (it ended before it could stop); "
-                                       f"the sweep stopped before {run.name}: {again}", _exit_code(name))
+                    where = f"while {previous} ran (it ended before it could stop)" if previous else "at its start"
+                    raise SweepStopped(f"{name} received {where}; the sweep stopped before {run.name}: {again}",
+                                       _exit_code(name))
                 status = run_status(run)
                 head = f"[{i}/{len(runs)}] {run.name}"
                 if status.kind == "done":
@@ -432,7 +380,7 @@ def run_sweep(sweep: Sweep, runs: list[PlannedRun], say: Callable[[str], None] =
                     say(f"{head}: failed: {exc}")
                 previous = run.name
             except KeyboardInterrupt as exc:
-                name = watch.signal or watch.received() or "SIGINT"
+                name = watch.stop_signal or "SIGINT"
                 raise SweepStopped(f"{name} received: the sweep stopped at {run.name} (its last checkpoint, if "
                                    f"any, is kept): {again}", _exit_code(name)) from exc
     say(f"sweep {sweep.path}: {len(runs)} runs: {skipped} already done, {trained} trained, {len(failures)} failed"

@@ -24,18 +24,26 @@ class Interrupted(TeskdError):
 def stop_on_signals(owner):
     """SIGTERM/SIGINT set ``owner.stop_signal``: the loop saves and stops after the current step.
 
-    A second signal stops at once (KeyboardInterrupt). Outside the main thread signals cannot be
-    caught, so nothing is installed there.
+    A second signal stops at once (KeyboardInterrupt). Nested in another ``stop_on_signals`` (a sweep
+    around its runs), a stop already asked for is inherited and a signal received is also the outer
+    owner's. Outside the main thread signals cannot be caught, so nothing is installed there.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
+    outer = getattr(signal.getsignal(signal.SIGTERM), "stop_owner", None)  # e.g. a sweep around a run
+    if outer is not None and outer.stop_signal and not owner.stop_signal:
+        owner.stop_signal = outer.stop_signal  # a stop asked for before this loop began
+
     def handler(signum, _frame):
+        if outer is not None and not outer.stop_signal:  # the enclosing loop stops too once this one has
+            outer.stop_signal = signal.Signals(signum).name
         if owner.stop_signal:
             raise KeyboardInterrupt
         owner.stop_signal = signal.Signals(signum).name
 
+    handler.stop_owner = owner
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
