@@ -80,3 +80,21 @@ def train_imagenette(out: Path, eval_resize: int = 36) -> Path:
     config = str(REPO / "configs" / "imagefolder" / "small_resnet18_teskd.yaml")
     assert main(["train", config, *args, "--out", str(out)]) == 0
     return out
+
+
+# The slow tier (`make test-fast` skips it; `make test` and CI run it): whole modules of real training runs,
+# several processes or forked kill points, and the single tests below. Marked here so the list is in one place.
+SLOW_MODULES = {"test_killpoints", "test_distributed", "test_reliability", "test_demo", "test_imagefolder_train",
+                "test_sweep", "test_sweep_launchers", "test_readme_walkthrough", "test_import_official"}
+SLOW_TESTS = {"test_two_exports_to_one_file_at_once", "test_every_architecture_is_rebuilt_exactly_and_its_graph_would_pass",
+              "test_the_operator_list_is_exactly_what_the_exports_contain", "test_a_run_can_be_loaded_at_every_file_operation_of_its_saves",
+              "test_imagenet_resnet18_teskd_trains_at_common_image_sizes", "test_fifo_image_stops_training_in_one_line",
+              "test_png_bomb_in_training_stops_in_one_line", "test_png_bomb_in_training_is_skipped_and_reported",
+              "test_fifo_image_is_skipped_counted_and_reported"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
