@@ -430,3 +430,22 @@ def test_watching_a_run_is_not_a_setting_but_evaluation_precision_is():
 
     assert is_operational("train.tensorboard")  # TensorBoard on or off computes the same run
     assert not is_operational("train.eval_amp")  # autocast evaluation can change the reported accuracy
+
+
+def test_groups_have_paired_deltas_and_training_top1_computed_by_hand(seeded, capsys):
+    """Paired Δ: TESKD - CE seed by seed (35 - 30 = 5, 38 - 32 = 6: mean 5.5, sample std 0.7071, 2 pairs); the
+    detached variant has one pair (33 - 30 = 3, no std). Training top-1: the last record's, 5 + 10 * 2 = 25."""
+    root, runs = seeded
+    code, out, err = report(capsys, *runs, "--format", "json")
+    assert code == 0, err
+    groups = {g["settings"]: g for g in json.loads(out)}
+    teskd = groups["optim.lr=0.1 method.detach_teacher=false"]
+    assert (teskd["delta_paired_mean"], teskd["delta_paired_n"]) == (pytest.approx(5.5), 2)
+    assert teskd["delta_paired_std"] == pytest.approx(0.5 ** 0.5)
+    detach = groups["optim.lr=0.1 method.detach_teacher=true"]
+    assert (detach["delta_paired_mean"], detach["delta_paired_std"], detach["delta_paired_n"]) == (3.0, None, 1)
+    assert groups["optim.lr=0.05 method.detach_teacher=false"]["delta_paired_n"] == 0  # no CE at that lr
+    assert all(g["train_top1_last_mean"] == pytest.approx(25.0) for g in groups.values())
+    code, out, err = report(capsys, *runs, "--format", "markdown")
+    row = next(line for line in out.splitlines() if "detach_teacher=false" in line and "lr=0.1" in line)
+    assert "| +5.50 | +5.50 \u00b1 0.71 (2) | 25.00 |" in row

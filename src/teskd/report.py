@@ -382,6 +382,14 @@ class RunInfo:
     def unfinished(self) -> bool:
         return not self.row.finished or (self.total is not None and self.done < self.total)
 
+    @property
+    def train_last(self) -> float | None:
+        """The deployed network's training top-1 (%) in its last logged epoch (mean over the epoch's augmented
+        batches, in train mode): beside the test top-1 it tells fitting from generalising."""
+        last = self.records[-1].get("train_acc") if self.records else None
+        value = last.get("teacher") if isinstance(last, dict) else None
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
 
 def _read_config(run: RunDir, notes: list[str]) -> dict:
     if not run.config.is_file():
@@ -490,6 +498,14 @@ class Group:
             return None
         return _mean(self.last) - _mean(self.ce.last)
 
+    def paired_deltas(self) -> list[float]:
+        """Last top-1 minus CE's, seed by seed, over the seeds both groups finished (a paired difference: the
+        seed's data order and initialisation are shared, so their noise partly cancels)."""
+        if self.ce is None:
+            return []
+        ce = {r.seed: r.row.top1_last for r in self.ce.runs if not r.unfinished}
+        return [r.row.top1_last - ce[r.seed] for r in self.runs if not r.unfinished and r.seed in ce]
+
     @property
     def epochs(self) -> str:
         """``done/total`` of each seed (``*``: unfinished), one entry when all agree."""
@@ -516,6 +532,9 @@ class Group:
             "top1_last_mean": _mean(self.last), "top1_last_std": _std(self.last),
             "top1_best_mean": _mean(self.best), "top1_best_std": _std(self.best),
             "delta_vs_ce": self.delta_vs_ce,
+            "delta_paired_mean": _mean(self.paired_deltas()), "delta_paired_std": _std(self.paired_deltas()),
+            "delta_paired_n": len(self.paired_deltas()),
+            "train_top1_last_mean": _mean([r.train_last for r in self.counted]),
             "test_acc_last_mean": self.branch_means(),
             "train_images_per_sec": _mean([r.row.images_per_sec for r in self.counted]),
             "params_train": self.first(lambda r: r.row.params_train),
@@ -524,7 +543,7 @@ class Group:
             "run_dirs": [str(r.path) for r in self.runs],
             "runs": [{"dir": str(r.path), "seed": r.seed, "epochs_done": r.done, "epochs_total": r.total,
                       "finished": not r.unfinished, "top1_last": r.row.top1_last, "top1_best": r.row.top1_best,
-                      "selected_on": r.row.selected_on, "test_acc_last": r.branches,
+                      "selected_on": r.row.selected_on, "test_acc_last": r.branches, "train_top1_last": r.train_last,
                       "train_images_per_sec": r.row.images_per_sec} for r in self.runs],
         })
 
@@ -607,11 +626,12 @@ def _maybe_width(text: str) -> tuple:
 
 DASH = "\u2014"  # an em dash: no value
 GROUP_COLUMNS = ("dataset", "arch", "width", "method", "settings", "n", "epochs", "top-1 last", "top-1 best",
-                 "\u0394 vs CE", "img/s", "params train", "params deploy", "MACs train", "MACs deploy",
+                 "\u0394 vs CE", "\u0394 paired", "train top-1", "img/s", "params train", "params deploy", "MACs train", "MACs deploy",
                  "branches (last top-1)")
 _LEFT = {"dataset", "arch", "method", "settings", "epochs", "branches (last top-1)"}
 CSV_COLUMNS = ("dataset", "arch", "width_mult", "method", "settings", "n", "seeds", "epochs", "unfinished",
                "top1_last_mean", "top1_last_std", "top1_best_mean", "top1_best_std", "delta_vs_ce",
+               "delta_paired_mean", "delta_paired_std", "delta_paired_n", "train_top1_last_mean",
                "train_images_per_sec", "params_train", "params_deploy", "macs_train", "macs_deploy", "run_dirs")
 
 
@@ -632,6 +652,10 @@ def _group_cells(g: Group) -> list[str]:
     cells = [g.dataset, g.arch, g.width_mult, g.method, g.settings or DASH, str(d["n"]), d["epochs"],
              _pm(d["top1_last_mean"], d["top1_last_std"]), _pm(d["top1_best_mean"], d["top1_best_std"]),
              DASH if d["delta_vs_ce"] is None else f"{d['delta_vs_ce']:+.2f}",
+             DASH if d["delta_paired_mean"] is None else
+             f"{d['delta_paired_mean']:+.2f} \u00b1 " + (DASH if d["delta_paired_std"] is None else
+                                                       f"{d['delta_paired_std']:.2f}") + f" ({d['delta_paired_n']})",
+             DASH if d["train_top1_last_mean"] is None else f"{d['train_top1_last_mean']:.2f}",
              DASH if d["train_images_per_sec"] is None else f"{d['train_images_per_sec']:,.0f}",
              count(d["params_train"]), count(d["params_deploy"]), macs(d["macs_train"]), macs(d["macs_deploy"]),
              " ".join(f"{b}={v:.2f}" for b, v in branches.items()) if len(branches) > 1 else DASH]
@@ -641,7 +665,9 @@ def _group_cells(g: Group) -> list[str]:
 def _legend(groups: list[Group]) -> list[str]:
     lines = [f"top-1: the deployed network's test top-1 (%), mean \u00b1 sample std over the group's seeds "
              f"(best: the epoch selected on val, or on test without val); \u0394 vs CE: mean last top-1 minus "
-             f"that of the ce group with the same dataset, arch, width and settings"]
+             f"that of the ce group with the same dataset, arch, width and settings; \u0394 paired: per-seed "
+             f"difference from that group's run of the same seed, mean \u00b1 sample std (number of pairs); train "
+             f"top-1: the deployed network's training top-1 in the last epoch (augmented batches, train mode)"]
     if any(r.unfinished for g in groups for r in g.runs):
         lines.append(f"*: unfinished run; a group's numbers use its finished seeds only (n), or, while none has "
                      f"finished, its unfinished ones up to their last finished epoch (from {METRICS})")
