@@ -18,7 +18,7 @@ TORCH_INDEX_URL ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_INDEX_URL),$(BIN)/python -m pip install --quiet torch torchvision --index-url $(TORCH_INDEX_URL))
-	$(BIN)/python -m pip install --quiet -e '.[test,plot,export,tensorboard,timm]'
+	$(BIN)/python -m pip install --quiet -e '.[test,plot,export,tensorboard,timm,cluster]'
 	touch $(STAMP)
 
 install: $(STAMP)

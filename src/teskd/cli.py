@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from teskd import __version__
+from teskd.version import __version__
 from teskd.errors import TeskdError, printable
 from teskd.registry import load_plugins
 
@@ -84,7 +84,7 @@ def _cmd_predict(args) -> int:
 
     deployed = load_deployed(args.model, args.checkpoint)
     device = "cpu"
-    if args.device != "cpu" and deployed.kind in ("checkpoint", "safetensors"):
+    if args.device != "cpu" and deployed.movable:
         from teskd.engine.runtime import resolve_device
 
         device = resolve_device(args.device)
@@ -168,10 +168,12 @@ def _cmd_curves(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from teskd.sweep import sweep_command
+    from teskd.sweep import LaunchOptions, sweep_command
 
+    launch = LaunchOptions(args.launcher, args.jobs, args.gpus_per_run, tuple(args.slurm or ()))
     return sweep_command(Path(args.file), only=args.only, dry_run=args.dry_run, list_only=args.list,
-                         collect_to=Path(args.collect) if args.collect else None, run=not args.no_run)
+                         collect_to=Path(args.collect) if args.collect else None, run=not args.no_run,
+                         launch=launch, status=args.status, cancel=args.cancel)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,12 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("export", help="write the deployed network alone (safetensors, onnx, pt2, torchvision), "
+    from teskd.deploy.formats import format_names, formats_help  # the registered formats, plug-ins included
+
+    p = sub.add_parser("export", help=f"write the deployed network alone ({', '.join(format_names())}), "
                                       "verified against PyTorch")
     p.add_argument("target", help="run directory, checkpoint .pt, or teacher .safetensors")
-    p.add_argument("--format", choices=["safetensors", "onnx", "pt2", "torchvision"], default="safetensors",
-                   help="safetensors (weights + metadata; default), onnx (needs teskd[export]), pt2 (torch.export), "
-                        "torchvision (plain state dict of the ImageNet ResNets)")
+    p.add_argument("--format", choices=format_names(), default="safetensors", help=formats_help())
     p.add_argument("--out", help="output file (default ./<run>-teacher[-best].<ext>)")
     p.add_argument("--checkpoint", choices=["last", "best"], default="last",
                    help="which checkpoint of a run directory (default last)")
@@ -276,11 +278,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collect", metavar="DIR",
                    help="then copy each run's config.yaml, metrics.jsonl and summary.json into DIR/<run name>/")
     p.add_argument("--no-run", action="store_true", help="with --collect: only collect, train nothing")
+    p.add_argument("--launcher", choices=["serial", "local", "slurm"], default="serial",
+                   help="serial (default): one run after another in this process; local: --jobs runs at once, "
+                        "each its own process; slurm: one job per run (see docs/cluster.md)")
+    p.add_argument("--jobs", type=int, default=1, help="local: runs at once (CPU cores or GPUs divided)")
+    p.add_argument("--gpus-per-run", type=int, help="GPUs of each run (local and slurm; default 1 where there are GPUs)")
+    p.add_argument("--slurm", action="append", metavar="KEY=VALUE",
+                   help="slurm: a resource, overriding the sweep file's launcher: section (partition=gpu, time=240, "
+                        "account=..., qos=..., cpus_per_task=8, mem_gb=64, nodes=1, sbatch.constraint=a100)")
+    p.add_argument("--status", action="store_true",
+                   help="each run's state (new/queued/running/stopped/done/failed/locked), job, epoch and log")
+    p.add_argument("--cancel", action="store_true", help="stop the sweep's running and queued runs (they save first)")
     p.set_defaults(func=_cmd_sweep)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    plugin_error = None
+    try:
+        load_plugins()  # before the parser: a plug-in's export formats are --format choices
+    except TeskdError as exc:
+        plugin_error = exc  # reported below, as every error is (--debug: with its traceback)
     parser = build_parser()
     # key=value overrides may also come after options (`train CFG --out X a.b=1`): argparse
     # leaves those over, so collect them here rather than rejecting them.
@@ -291,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*(args.overrides or []), *extra]
     try:
-        load_plugins()
+        if plugin_error is not None:
+            raise plugin_error
         return args.func(args)
     except TeskdError as exc:
         if args.debug:

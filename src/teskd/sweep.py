@@ -30,7 +30,7 @@ import os
 import re
 import shlex
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +42,7 @@ from teskd.engine.rundir import CONFIG, METRICS, SUMMARY, RunDir
 from teskd.engine.signals import Interrupted, stop_on_signals
 from teskd.errors import TeskdError, one_line
 
-SWEEP_KEYS = ("out", "base", "overrides", "seeds", "runs", "grid")
+SWEEP_KEYS = ("out", "base", "overrides", "seeds", "runs", "grid", "launcher")
 VARIANT_KEYS = ("config", "overrides")
 COLLECTED = (CONFIG, METRICS, SUMMARY)  # the small files --collect copies; never checkpoints
 # The most runs one sweep file may plan: each is trained one after another, so more is a typo in the grid
@@ -79,6 +79,7 @@ class Sweep:
     path: Path
     out: Path
     runs: tuple  # PlannedRun, in running order
+    launcher: dict = field(default_factory=dict)  # the file's `launcher:` section (Slurm resources), unchecked
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,10 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
                 names[name] = f"{variant}, {dict(combo)}"
                 runs.append(PlannedRun(name, variant, combo, cfg.train.seed, Path(config), tuple(full),
                                        Path(out) / name, cfg.train.epochs))
-    return Sweep(path, Path(out), tuple(runs))
+    launcher = data.get("launcher") or {}
+    if not isinstance(launcher, dict):
+        raise fail(f"'launcher' must be a mapping (e.g. launcher: {{partition: gpu, time: 240}}), got {_short(launcher)}")
+    return Sweep(path, Path(out), tuple(runs), launcher)
 
 
 def select(runs, pattern: str | None) -> list[PlannedRun]:
@@ -427,9 +431,18 @@ def collect(runs: list[PlannedRun], dest: Path, all_runs=None, say: Callable[[st
 
 # --- the command ----------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class LaunchOptions:
+    launcher: str = "serial"  # serial (this process) | local (--jobs processes) | slurm (submitit)
+    jobs: int = 1
+    gpus_per_run: int | None = None
+    slurm: tuple = ()  # key=value settings of the Slurm launcher from the command line
+
+
 def sweep_command(path: Path, only: str | None = None, dry_run: bool = False, list_only: bool = False,
-                  collect_to: Path | None = None, run: bool = True, say: Callable[[str], None] = print) -> int:
-    """``teskd sweep``: validate the whole file, then list, dry-run, or train (and collect)."""
+                  collect_to: Path | None = None, run: bool = True, say: Callable[[str], None] = print,
+                  launch: LaunchOptions = LaunchOptions(), status: bool = False, cancel: bool = False) -> int:
+    """``teskd sweep``: validate the whole file, then list, dry-run, report, cancel, or train (and collect)."""
     if list_only and dry_run:
         raise TeskdError("--list and --dry-run: pass one of them")
     if not run and collect_to is None:
@@ -440,22 +453,52 @@ def sweep_command(path: Path, only: str | None = None, dry_run: bool = False, li
         for r in runs:
             say(r.name)
         return 0
+    if status or cancel:
+        from teskd.launchers.status import cancel_runs, print_status
+
+        return cancel_runs(sweep, runs, say) if cancel else print_status(sweep, runs, say)
     if dry_run:
-        say(f"sweep {sweep.path}: {len(runs)} of {len(sweep.runs)} runs into {sweep.out} "
-            f"(in order: variant, grid, seed)")
-        width = max(len(r.name) for r in runs)
-        for r in runs:
-            status = run_status(r)
-            differs = saved_differences(r)
-            note = (f"  (its {CONFIG} differs from the sweep's config in {', '.join(differs[:5])}; resuming keeps "
-                    f"{CONFIG}'s)" if differs else "")
-            say(f"{r.name:<{width}}  {status}{note}")
-            say(f"    {r.command()}")
-        if collect_to is not None:
-            say(f"then: collect {', '.join(COLLECTED)} of each run into {collect_to}/<run name>/")
+        _dry_run(sweep, runs, collect_to, say)
         return 0
-    failures = run_sweep(sweep, runs, say) if run else []
+    failures = launch_runs(sweep, runs, launch, say) if run else []
     if collect_to is not None:
         n = collect(runs, collect_to, sweep.runs, say)
         say(f"collected {n} of {len(runs)} runs into {collect_to}")
     return 1 if failures else 0
+
+
+def _dry_run(sweep: Sweep, runs: list[PlannedRun], collect_to, say) -> None:
+    say(f"sweep {sweep.path}: {len(runs)} of {len(sweep.runs)} runs into {sweep.out} "
+        f"(in order: variant, grid, seed)")
+    width = max(len(r.name) for r in runs)
+    for r in runs:
+        status = run_status(r)
+        differs = saved_differences(r)
+        note = (f"  (its {CONFIG} differs from the sweep's config in {', '.join(differs[:5])}; resuming keeps "
+                f"{CONFIG}'s)" if differs else "")
+        say(f"{r.name:<{width}}  {status}{note}")
+        say(f"    {r.command()}")
+    if collect_to is not None:
+        say(f"then: collect {', '.join(COLLECTED)} of each run into {collect_to}/<run name>/")
+
+
+def launch_runs(sweep: Sweep, runs: list[PlannedRun], launch: LaunchOptions, say) -> list[tuple[str, str]]:
+    """Train ``runs`` with the chosen launcher; returns the failures (name, message)."""
+    if launch.launcher == "serial":
+        return run_sweep(sweep, runs, say)
+    if launch.launcher == "slurm":
+        from teskd.launchers.slurm import submit_sweep
+
+        return submit_sweep(sweep, runs, launch, say)
+    if launch.launcher != "local":
+        raise TeskdError(f"--launcher {launch.launcher!r}: expected serial, local or slurm")
+    from teskd.launchers.local import LocalLauncher, summary_line
+
+    local = LocalLauncher(sweep, runs, launch.jobs, launch.gpus_per_run or 1, say)
+    failures = local.run()
+    say(summary_line(sweep, local.outcome))
+    if local.stop_signal:
+        again = f"teskd sweep {sweep.path} --launcher local --jobs {launch.jobs}"
+        raise SweepStopped(f"{local.stop_signal} received: the runs saved and stopped; run `{again}` again to "
+                           f"resume (finished runs are skipped)", _exit_code(local.stop_signal))
+    return failures
