@@ -55,7 +55,8 @@ def walk(clone: Path, commands: list[str], env: dict) -> list[tuple[str, int, st
     """Runs the commands in one bash, as typed into one terminal; returns (command, exit status, output) each."""
     script = []
     for i, command in enumerate(commands):
-        script += [f"echo '@@step {i}'", f"{command} 2>&1", f"echo \"@@status {i} $?\""]
+        # the braces on their own lines: a trailing `# comment` of the command must not swallow the redirection
+        script += [f"echo '@@step {i}'", "{", command, "} 2>&1", f"echo \"@@status {i} $?\""]
     proc = subprocess.run(["bash", "-c", "\n".join(script)], cwd=clone, env=env, capture_output=True, text=True,
                           timeout=1500)
     assert proc.stderr == "", proc.stderr[-3000:]
@@ -104,7 +105,8 @@ def check_outputs(clone: Path, data: Path, outputs: list[str]) -> None:
     assert "wrote first.safetensors (safetensors, " in export and "verified: " in export
     assert (clone / "first.safetensors").is_file()
     images = sorted(p.name for p in (clone / "my_images").iterdir())
-    assert images == sorted(f"{i}_{CLASSES[i]}.png" for i in range(4))  # test.npz lists classes 0..99 in turn
+    n = 100 * TEST_PER_CLASS  # four images evenly spaced; test.npz lists the classes 0..99 in turn
+    assert images == sorted(f"{i}_{CLASSES[i % 100]}.png" for i in range(0, n, n // 4))
     lines = [line.split() for line in predict.splitlines() if line.startswith("my_images/")]
     assert sorted(line[0] for line in lines) == [f"my_images/{name}" for name in images]
     for line in lines:  # path, then 3 x (class, probability), best first
