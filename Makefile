@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+	@echo "teskd is installed in $(VENV)/: run 'source $(VENV)/bin/activate' in your shell (or call $(BIN)/teskd)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -114,3 +114,6 @@ echo "What these numbers mean: a ${width}-width ResNet-18 trained for $epochs ep
      "per class is far from the paper's protocol (full width, all 500 images per class, 200 epochs), so they" \
      "show the pipeline working end to end, not whether TESKD beats CE; the README's Measured section has" \
      "the reduced-scale comparison."
+echo
+echo "To run teskd yourself: source .venv/bin/activate in your shell (or call .venv/bin/teskd); the README's" \
+     "first section walks from training to a prediction from your own export."

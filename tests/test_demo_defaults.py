@@ -22,3 +22,11 @@ def test_demo_threads_overrides_the_default(tmp_path: Path, archive):  # noqa: F
     assert proc.returncode == 0, proc.stderr
     train = [line for line in proc.stdout.splitlines() if line.startswith("teskd train")]
     assert len(train) == 2 and all("train.threads=0" in line.split() for line in train)
+
+
+def test_demo_ends_by_saying_how_to_reach_teskd(tmp_path: Path, archive):  # noqa: F811
+    proc = run_demo(demo_env(tmp_path, archive, DEMO_DRY_RUN="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == (
+        "To run teskd yourself: source .venv/bin/activate in your shell (or call .venv/bin/teskd); the README's "
+        "first section walks from training to a prediction from your own export.")
