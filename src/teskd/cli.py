@@ -84,7 +84,7 @@ def _cmd_predict(args) -> int:
 
     deployed = load_deployed(args.model, args.checkpoint)
     device = "cpu"
-    if args.device != "cpu" and deployed.kind in ("checkpoint", "safetensors"):
+    if args.device != "cpu" and deployed.movable:
         from teskd.engine.runtime import resolve_device
 
         device = resolve_device(args.device)
@@ -203,12 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("export", help="write the deployed network alone (safetensors, onnx, pt2, torchvision), "
+    from teskd.deploy.formats import format_names, formats_help  # the registered formats, plug-ins included
+
+    p = sub.add_parser("export", help=f"write the deployed network alone ({', '.join(format_names())}), "
                                       "verified against PyTorch")
     p.add_argument("target", help="run directory, checkpoint .pt, or teacher .safetensors")
-    p.add_argument("--format", choices=["safetensors", "onnx", "pt2", "torchvision"], default="safetensors",
-                   help="safetensors (weights + metadata; default), onnx (needs teskd[export]), pt2 (torch.export), "
-                        "torchvision (plain state dict of the ImageNet ResNets)")
+    p.add_argument("--format", choices=format_names(), default="safetensors", help=formats_help())
     p.add_argument("--out", help="output file (default ./<run>-teacher[-best].<ext>)")
     p.add_argument("--checkpoint", choices=["last", "best"], default="last",
                    help="which checkpoint of a run directory (default last)")
@@ -294,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    plugin_error = None
+    try:
+        load_plugins()  # before the parser: a plug-in's export formats are --format choices
+    except TeskdError as exc:
+        plugin_error = exc  # reported below, as every error is (--debug: with its traceback)
     parser = build_parser()
     # key=value overrides may also come after options (`train CFG --out X a.b=1`): argparse
     # leaves those over, so collect them here rather than rejecting them.
@@ -304,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*(args.overrides or []), *extra]
     try:
-        load_plugins()
+        if plugin_error is not None:
+            raise plugin_error
         return args.func(args)
     except TeskdError as exc:
         if args.debug:

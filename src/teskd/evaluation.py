@@ -130,10 +130,10 @@ class DeployedTeacher(nn.Module):
 
 def load_teacher(path: Path) -> tuple[nn.Module, dict]:
     """The deployed network of an export (``teacher.safetensors``, ``.onnx``, ``.pt2``) and its metadata."""
-    from teskd.deploy.source import EXPORT_SUFFIXES, load_deployed
+    from teskd.deploy.source import is_export_file, load_deployed
 
     path = Path(path)
-    if path.suffix.lower() not in EXPORT_SUFFIXES or not path.exists():
+    if not is_export_file(path) or not path.exists():
         raise TeskdError(f"no such export file: {path}")
     deployed = load_deployed(path)
     i = deployed.info
@@ -164,7 +164,9 @@ def evaluate_teacher(path: Path, overrides=(), split: str = "test", full: bool =
     if class_count(cfg.data) != meta["num_classes"]:
         raise TeskdError(f"{path} has a {meta['num_classes']}-class head, but {cfg.data.dataset} has "
                          f"{class_count(cfg.data)} classes (set data.dataset=...)")
-    if meta["format"] in ("onnx", "pt2"):  # compiled graphs run where they were built: the CPU, float32
+    from teskd.deploy.formats import get_format
+
+    if not get_format(meta["format"]).movable:  # compiled graphs run where they were built: the CPU, float32
         cfg.train.device, cfg.train.eval_amp, cfg.train.compile = "cpu", False, False
     device = runtime.resolve_device(cfg.train.device)
     amp = runtime.resolve_eval_amp(cfg.train, device)
@@ -180,10 +182,10 @@ def evaluate_teacher(path: Path, overrides=(), split: str = "test", full: bool =
 def evaluate_target(target: Path, overrides=(), which: str = "last", split: str = "test",
                     full: bool = False) -> dict:
     """``teskd eval TARGET``: a run directory, a ``.pt`` checkpoint or an export (.safetensors, .onnx, .pt2)."""
-    from teskd.deploy.source import EXPORT_SUFFIXES
+    from teskd.deploy.source import is_export_file
 
     target = Path(target)
-    if target.suffix.lower() in EXPORT_SUFFIXES:
+    if is_export_file(target):
         return evaluate_teacher(target, overrides, split=split, full=full)
     return evaluate_checkpoint(target, overrides, which=which, split=split, full=full)
 

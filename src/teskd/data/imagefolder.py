@@ -27,7 +27,8 @@ from teskd.data.augment import normalize
 from teskd.data.center_crop import resize_center_crop
 from teskd.data.decode import IMAGE_SUFFIXES, SOURCE_LINE, BadImage, decode_rgb, read_rgb  # noqa: F401 (re-exported)
 from teskd.data.listing import class_folders, list_files
-from teskd.data.pipeline import DataBundle, select_splits
+from teskd.data.bundle import DataBundle
+from teskd.data.pipeline import select_splits
 from teskd.data.registry import DatasetSpec, get_dataset_spec, register_dataset
 from teskd.data.torch_loader import BadSample, TorchLoader
 from teskd.errors import TeskdError, printable

@@ -19,7 +19,7 @@ from teskd.errors import TeskdError
 
 SPLITS = ("train", "val", "test")
 __all__ = ["DataBundle", "SPLITS", "build_data", "check_splits", "class_count", "input_size", "load_splits",
-           "select_splits"]
+           "memory_splits", "select_splits"]
 
 
 def check_splits(splits: Collection[str]) -> None:
@@ -97,10 +97,15 @@ def build_data(cfg: DataConfig, device: torch.device, seed: int, rank: int = 0, 
                splits: Collection[str] = SPLITS) -> DataBundle:
     """Loaders for the asked-for splits; batch sizes are per rank, each rank gets its shard."""
     check_splits(splits)
-    spec = get_dataset_spec(cfg.dataset)
-    if spec.build_splits is not None:
-        return spec.build_splits(cfg, tuple(splits), resolve_data_root(cfg), device=device, seed=seed, rank=rank,
-                                 world_size=world_size)
+    build = get_dataset_spec(cfg.dataset).build_splits or memory_splits  # a dataset giving load: in memory
+    return build(cfg, tuple(splits), resolve_data_root(cfg), device=device, seed=seed, rank=rank,
+                 world_size=world_size)
+
+
+def memory_splits(cfg: DataConfig, splits: Collection[str], root: Path, *, device: torch.device, seed: int,
+                  rank: int = 0, world_size: int = 1) -> DataBundle:
+    """The ``build_splits`` of a dataset that gives ``load``: its arrays in in-memory loaders, augmented and
+    normalised in batches on the training device."""
     spec, train, val, test = load_splits(cfg, splits)
 
     def loader(arrays, training: bool):

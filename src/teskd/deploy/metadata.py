@@ -86,18 +86,10 @@ class DeployInfo:
 
         num_classes = number("num_classes", int, limit=MAX_CLASSES)
         size = number("image_size", int, 32, limit=MAX_IMAGE_SIZE)
-        classes = None
-        if meta.get("classes"):
-            try:
-                classes = json.loads(meta["classes"])
-            except ValueError:
-                classes = None
-            if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-                    and len(classes) == num_classes):
-                raise TeskdError(f"{source}: bad metadata classes (expected a JSON list of {num_classes} names)")
-        info = cls(arch=meta["arch"], num_classes=num_classes, width_mult=number("width_mult", float,
-                                                                                 limit=MAX_WIDTH_MULT),
-                   input_size=size, resize=number("resize", int, size, limit=MAX_IMAGE_SIZE), mean=triple("mean", cls.mean),
+        classes = _class_names(meta, num_classes, source)
+        width_mult = number("width_mult", float, limit=MAX_WIDTH_MULT)
+        info = cls(arch=meta["arch"], num_classes=num_classes, width_mult=width_mult, input_size=size,
+                   resize=number("resize", int, size, limit=MAX_IMAGE_SIZE), mean=triple("mean", cls.mean),
                    std=triple("std", cls.std), classes=tuple(classes) if classes else None,
                    dataset=meta.get("dataset"), config_hash=meta.get("config_hash"),
                    teskd_version=meta.get("teskd_version"))
@@ -108,7 +100,7 @@ class DeployInfo:
     @classmethod
     def from_config(cls, cfg, num_classes: int, classes=None) -> DeployInfo:
         """What a run of ``cfg`` deploys: its backbone, the dataset's evaluation preprocessing."""
-        from teskd import __version__
+        from teskd.version import __version__
         from teskd.data.registry import get_dataset_spec
 
         p = get_dataset_spec(cfg.data.dataset).preprocessing(cfg.data)
@@ -116,6 +108,19 @@ class DeployInfo:
                    input_size=p.input_size, resize=p.resize, mean=tuple(p.mean), std=tuple(p.std),
                    classes=tuple(classes) if classes else None, dataset=cfg.data.dataset,
                    config_hash=config_hash(cfg), teskd_version=__version__)
+
+
+def _class_names(meta: dict[str, str], num_classes: int, source: str) -> list[str] | None:
+    """The metadata's class names (a JSON list of ``num_classes`` strings), None where it has none."""
+    if not meta.get("classes"):
+        return None
+    try:
+        classes = json.loads(meta["classes"])
+    except ValueError:
+        classes = None
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes) and len(classes) == num_classes):
+        raise TeskdError(f"{source}: bad metadata classes (expected a JSON list of {num_classes} names)")
+    return classes
 
 
 def config_hash(cfg) -> str:

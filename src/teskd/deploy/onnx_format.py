@@ -18,6 +18,8 @@ import torch
 
 from teskd import fileio
 from teskd.deploy.extras import require
+from teskd.deploy.formats import ExportFormat, register_format
+from teskd.deploy.metadata import DeployInfo
 from teskd.errors import TeskdError
 
 ONNX_LIMIT = 2 << 30  # protobuf cannot serialise a single-file model over 2 GiB
@@ -155,3 +157,17 @@ def load_onnx(path: Path) -> tuple[OnnxModule, dict[str, str]]:
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise TeskdError(f"{path} cannot be run by onnxruntime: {_short(exc)}") from exc
     return OnnxModule(session, str(path)).eval(), metadata
+
+
+def _write(model: torch.nn.Module, info: DeployInfo, out: Path, opset: int | None = None) -> torch.nn.Module:
+    export_onnx(model, info.input_size, out, info.to_metadata(), opset=opset)
+    return load_onnx(out)[0]
+
+
+def _load(path: Path) -> tuple[torch.nn.Module, DeployInfo]:
+    model, meta = load_onnx(path)
+    return model, DeployInfo.from_metadata(meta, str(path))
+
+
+register_format(ExportFormat("onnx", ".onnx", "needs teskd[export]", _write, _load, options=("opset",),
+                             requires=("onnx", "onnxscript", "onnxruntime"), movable=False))

@@ -63,7 +63,7 @@ def predict(deployed: Deployed, targets: Sequence[Path | str], topk: int = 5, ba
     files = find_images(targets)
     info, model = deployed.info, deployed.model.eval()
     device = torch.device(device)
-    movable = deployed.kind in ("checkpoint", "safetensors")  # compiled exports run where they were built: CPU
+    movable = deployed.movable  # compiled exports run where they were built: the CPU
     if movable:
         model = model.to(device)
     k = min(topk, info.num_classes)

@@ -61,6 +61,8 @@ from pathlib import Path
 import torch
 
 from teskd import fileio
+from teskd.deploy.formats import ExportFormat, register_format
+from teskd.deploy.metadata import DeployInfo
 from teskd.deploy.pt2_operators import Refused, check_graph
 from teskd.errors import TeskdError
 
@@ -425,3 +427,16 @@ def _deserialize(program: dict, weights: dict[str, torch.Tensor], constants: dic
     exported = ExportedProgramDeserializer().deserialize(_dict_to_dataclass(schema.ExportedProgram, program),
                                                          weights, constants, None)
     return exported.module(check_guards=False)  # no guard code is generated or exec-ed
+
+
+def _write(model: torch.nn.Module, info: DeployInfo, out: Path) -> torch.nn.Module:
+    export_pt2(model, info.input_size, out, info.to_metadata())
+    return load_pt2(out, run_graph=True)[0]  # verify the graph a serving stack runs, not a rebuild
+
+
+def _load(path: Path) -> tuple[torch.nn.Module, DeployInfo]:
+    model, meta = load_pt2(path)
+    return model, DeployInfo.from_metadata(meta, str(path))
+
+
+register_format(ExportFormat("pt2", ".pt2", "torch.export", _write, _load, movable=False))

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from teskd import fileio
+from teskd.deploy.formats import ExportFormat, register_format
 from teskd.deploy.metadata import DeployInfo
 from teskd.errors import TeskdError
 
@@ -76,3 +77,21 @@ def _header_metadata(data: bytes) -> dict[str, str]:
 def export_teacher(method, path: Path, cfg, num_classes: int, classes=None) -> Path:
     """A run's ``teacher.safetensors``: ``method.deploy_module`` only (no students, no training state)."""
     return save_safetensors(method.deploy_module, DeployInfo.from_config(cfg, num_classes, classes), path)
+
+
+def load_safetensors(path: Path) -> tuple[torch.nn.Module, DeployInfo]:
+    """The network of a safetensors export (rebuilt from its metadata, weights loaded strictly) and its info."""
+    from teskd.deploy.source import build_deployed
+
+    weights, info = read_safetensors(path)
+    return build_deployed(weights, info, str(path)), info
+
+
+def _write(model: torch.nn.Module, info: DeployInfo, out: Path) -> torch.nn.Module:
+    save_safetensors(model, info, out)
+    return load_safetensors(out)[0]
+
+
+register_format(ExportFormat(
+    "safetensors", ".safetensors", "weights + metadata; default", _write, load_safetensors, exact=True,
+    recognises=lambda path: read_safetensors(path)[1].teskd_version is not None))

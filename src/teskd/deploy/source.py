@@ -19,7 +19,13 @@ from teskd.errors import TeskdError
 
 # every method keeps the network it ships as ``method.backbone`` (see Method.deploy_module)
 DEPLOY_PREFIX = "backbone."
-EXPORT_SUFFIXES = (".safetensors", ".onnx", ".pt2")
+
+
+def is_export_file(path: Path | str) -> bool:
+    """Whether ``path``'s suffix names a format teskd reads (see :mod:`teskd.deploy.formats`)."""
+    from teskd.deploy.formats import readable_format
+
+    return readable_format(path) is not None
 
 
 @dataclass
@@ -27,8 +33,9 @@ class Deployed:
     model: nn.Module  # the deployed network in eval mode: images -> logits
     info: DeployInfo
     source: Path  # the file the weights came from
-    kind: str  # "checkpoint" | "safetensors" | "onnx" | "pt2"
+    kind: str  # "checkpoint", or the export format's name ("safetensors", "onnx", "pt2", ...)
     epoch: int | None = None  # a checkpoint's finished epochs
+    movable: bool = True  # may run on another device (compiled exports run where they were built: the CPU)
 
 
 def build_deployed(weights: dict[str, torch.Tensor], info: DeployInfo, what: str) -> nn.Module:
@@ -106,22 +113,15 @@ def from_checkpoint(path: Path) -> Deployed:
 
 
 def load_deployed(target: Path | str, which: str = "last") -> Deployed:
-    """A run folder (its ``checkpoints/<which>.pt``), a ``.pt`` checkpoint, or a ``.safetensors``, ``.onnx``
-    or ``.pt2`` export."""
-    target = Path(target).expanduser()
-    suffix = target.suffix.lower()
-    if suffix in EXPORT_SUFFIXES and not target.exists():  # a FIFO or device is named as such by the reader
-        raise TeskdError(f"no such export file: {target}")
-    if suffix == ".safetensors":
-        from teskd.deploy.safetensors_format import read_safetensors
+    """A run folder (its ``checkpoints/<which>.pt``), a ``.pt`` checkpoint, or an export of a format teskd reads
+    (``.safetensors``, ``.onnx``, ``.pt2``, or a registered one), chosen by its suffix."""
+    from teskd.deploy.formats import readable_format
 
-        weights, info = read_safetensors(target)
-        return Deployed(build_deployed(weights, info, str(target)), info, target, "safetensors")
-    if suffix in (".onnx", ".pt2"):
-        if suffix == ".onnx":
-            from teskd.deploy.onnx_format import load_onnx as load
-        else:
-            from teskd.deploy.pt2_format import load_pt2 as load
-        model, meta = load(target)
-        return Deployed(model, DeployInfo.from_metadata(meta, str(target)), target, suffix[1:])
-    return from_checkpoint(checkpoint_path(target, which))
+    target = Path(target).expanduser()
+    fmt = readable_format(target)
+    if fmt is None:
+        return from_checkpoint(checkpoint_path(target, which))
+    if not target.exists():  # a FIFO or device is named as such by the reader
+        raise TeskdError(f"no such export file: {target}")
+    model, info = fmt.load(target)
+    return Deployed(model, info, target, fmt.name, movable=fmt.movable)
