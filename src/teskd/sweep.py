@@ -356,7 +356,9 @@ def run_sweep(sweep: Sweep, runs: list[PlannedRun], say: Callable[[str], None] =
     started; returns the failures as (name, message). SIGINT/SIGTERM stops the sweep (after the current run
     has saved) with SweepStopped."""
     again = f"run `teskd sweep {sweep.path}` again to resume (finished runs are skipped)"
-    failures, trained, skipped = [], 0, 0
+    from teskd.launchers.runlock import lock_holder
+
+    failures, trained, skipped, locked = [], 0, 0, []
     watch = _StopWatch()
     with stop_on_signals(watch):
         previous = None
@@ -373,6 +375,11 @@ def run_sweep(sweep: Sweep, runs: list[PlannedRun], say: Callable[[str], None] =
                     say(f"{head}: done ({status.total} epochs), skipped")
                     skipped += 1
                     continue
+                holder = lock_holder(run.out)
+                if holder is not None:  # another sweep or `teskd train` is training it: not a failure
+                    say(f"{head}: locked by {holder} (another process trains it); skipped")
+                    locked.append(run.name)
+                    continue
                 say(f"{head}: {status} -> {run.command()}")
                 try:
                     run_one(run)
@@ -388,7 +395,8 @@ def run_sweep(sweep: Sweep, runs: list[PlannedRun], say: Callable[[str], None] =
                 raise SweepStopped(f"{name} received: the sweep stopped at {run.name} (its last checkpoint, if "
                                    f"any, is kept): {again}", _exit_code(name)) from exc
     say(f"sweep {sweep.path}: {len(runs)} runs: {skipped} already done, {trained} trained, {len(failures)} failed"
-        + (f" ({', '.join(n for n, _ in failures)})" if failures else ""))
+        + (f" ({', '.join(n for n, _ in failures)})" if failures else "")
+        + (f", {len(locked)} locked by other processes ({', '.join(locked)})" if locked else ""))
     return failures
 
 

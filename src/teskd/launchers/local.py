@@ -152,7 +152,7 @@ class LocalLauncher:
         with open(log, "ab") as out:  # its own session: a Ctrl-C reaches the sweep, which passes it on once
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.state.record(run.name, launcher="local", pid=proc.pid, log=str(log), gpus=slot.gpus)
-        where = f"GPU {','.join(slot.gpus)}" if slot.gpus else f"{slot.threads} threads"
+        where = f"GPU {','.join(slot.gpus)}" if slot.gpus else f"{slot.threads} thread" + "s" * (slot.threads > 1)
         self.say(f"{run.name}: started (pid {proc.pid}, {where}, log {log})")
         active.append(Child(run, slot, proc, log))
 
@@ -220,4 +220,5 @@ def summary_line(sweep, outcome: dict[str, str]) -> str:
     order = ["done", "trained", "stopped", "locked", "failed", "not started"]
     parts = [f"{counts[k]} {'already done' if k == 'done' else k}" for k in order if counts.get(k)]
     failed = [n for n, k in outcome.items() if k in ("failed", "locked")]
-    return f"sweep {sweep.path}: {len(outcome)} runs: {', '.join(parts)}" + (f" ({', '.join(failed)})" if failed else "")
+    runs = f"{len(outcome)} run" + ("" if len(outcome) == 1 else "s")
+    return f"sweep {sweep.path}: {runs}: {', '.join(parts)}" + (f" ({', '.join(failed)})" if failed else "")

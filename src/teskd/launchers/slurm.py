@@ -98,7 +98,8 @@ def submit_sweep(sweep, runs, launch, say: Callable[[str], None] = print) -> lis
     for run, job in zip(todo, submitted):
         state.record(run.name, launcher="slurm", job=job.job_id, log=str(job.paths.stdout))
         say(f"{run.name}: submitted as job {job.job_id} (log {job.paths.stdout})")
-    say(f"sweep {sweep.path}: {len(todo)} runs submitted; watch with `teskd sweep {sweep.path} --status`")
+    runs = f"{len(todo)} run" + ("" if len(todo) == 1 else "s")
+    say(f"sweep {sweep.path}: {runs} submitted; watch with `teskd sweep {sweep.path} --status`")
     return []
 
 
