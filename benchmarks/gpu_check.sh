@@ -60,7 +60,8 @@ fi
 check pinned_imagefolder "$PY" -m teskd train configs/imagefolder/small_resnet18_teskd.yaml \
                          data.root="$OUT/data/folder" data.batch_size=16 data.workers=2 train.epochs=1 \
                          train.progress=false train.device=cuda --out "$OUT/runs/folder"
-check resume_cuda       bash -c "timeout -s TERM 20 $PY -m teskd train $CIFAR $DATA train.epochs=6 train.progress=false \
+# stopped by SIGTERM after 15 s (it saves), then resumed to the end
+check resume_cuda       bash -c "timeout -s TERM 15 $PY -m teskd train $CIFAR $DATA train.epochs=30 train.progress=false \
                         data.batch_size=128 train.device=cuda --out $OUT/runs/resume; \
                         $PY -m teskd train --resume $OUT/runs/resume"
 check export_safetensors "$PY" -m teskd export "$OUT/runs/bf16" --out "$OUT/bf16.safetensors" --overwrite
