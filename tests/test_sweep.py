@@ -343,3 +343,69 @@ def test_collect_only_and_never_into_run_folders(tmp_path, capsys):
     assert snapshot(runs) == before
     code, _, err = sweep_cli(capsys, path, "--no-run")
     assert code == 2 and "--no-run only makes sense with --collect DIR" in err
+
+
+# --- launchers: what they plan, without starting anything ------------------------------------------------
+
+def test_local_slots_give_each_run_its_own_gpus(monkeypatch, tmp_path):
+    import teskd.launchers.local as local
+    from teskd.sweep import load_sweep
+
+    monkeypatch.setattr(local, "_visible_gpus", lambda: ["0", "1", "2", "3", "4"])
+    said = []
+    slots = local.plan_slots(jobs=3, gpus_per_run=2, say=said.append)
+    assert [s.gpus for s in slots] == [["0", "1"], ["2", "3"]]  # two fit; GPU 4 stays idle
+    assert said == ["5 GPUs, 2 per run: 2 runs at once, not 3", "GPUs per run: 0,1; 2,3"]
+    run = load_sweep(write_sweep(tmp_path / "s.yaml", out=str(tmp_path / "runs"), base=CE, runs={"ce": {}})).runs[0]
+    argv, env = local.child_command(run, slots[1])
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert argv[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert argv[5:] == ["-m", "teskd", "train", CE, "--out", str(run.out), "--resume", str(run.out)]
+    with pytest.raises(TeskdError, match="^6 GPUs per run, but this machine shows 5$"):
+        local.plan_slots(jobs=1, gpus_per_run=6, say=said.append)
+
+
+def test_local_slots_divide_the_cpu_cores(monkeypatch, tmp_path):
+    import teskd.launchers.local as local
+    from teskd.sweep import load_sweep
+
+    monkeypatch.setattr(local, "_visible_gpus", lambda: [])
+    monkeypatch.setattr(local.os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+    said = []
+    slots = local.plan_slots(jobs=3, gpus_per_run=1, say=said.append)
+    assert [s.threads for s in slots] == [2, 2, 2]
+    assert said == ["CPU: 8 cores for 3 runs at once: train.threads=2 each (runs whose config sets train.threads "
+                    "keep theirs)"]
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", out=str(tmp_path / "runs"), base=CE,
+                                   runs={"ce": {}, "own": {"overrides": ["train.threads=3"]}}))
+    (argv, env), (own, _) = (local.child_command(r, slots[0]) for r in sweep.runs)
+    assert argv[-1] == "train.threads=2" and env["OMP_NUM_THREADS"] == "2"
+    assert own[-1] == str(sweep.runs[1].out) and "train.threads=3" in own  # its own setting kept
+
+
+def test_slurm_settings_from_the_file_then_the_command_line(tmp_path):
+    from teskd.launchers.slurm import slurm_settings
+    from teskd.sweep import LaunchOptions, load_sweep
+
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", out=str(tmp_path / "runs"), base=CE, runs={"ce": {}},
+                                   launcher={"partition": "gpu", "time": 120, "sbatch": {"constraint": "a100"}}))
+    settings = slurm_settings(sweep, LaunchOptions("slurm", gpus_per_run=4,
+                                                   slurm=("time=60", "sbatch.exclude=node7", "account=proj")))
+    assert settings == {"time": 60, "nodes": 1, "signal_delay_s": 120, "max_timeouts": 50, "parallel": 64,
+                        "partition": "gpu", "sbatch": {"constraint": "a100", "exclude": "node7"},
+                        "gpus_per_node": 4, "account": "proj"}
+    with pytest.raises(TeskdError, match="^Slurm launcher: unknown setting 'partiton'; known: partition, "):
+        slurm_settings(sweep, LaunchOptions("slurm", slurm=("partiton=gpu",)))
+
+
+def test_a_stop_asked_before_the_trainer_started_is_inherited():
+    """A sweep's SIGTERM that came while the next run was being built stops that run at its first step."""
+    from teskd.engine.signals import stop_on_signals
+
+    sweep, trainer = types.SimpleNamespace(stop_signal=None), types.SimpleNamespace(stop_signal=None)
+    with stop_on_signals(sweep):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert sweep.stop_signal == "SIGTERM"
+        with stop_on_signals(trainer):
+            assert trainer.stop_signal == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
