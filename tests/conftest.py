@@ -33,9 +33,9 @@ def hooked_trainer(config, args, run: Path, hook, **kwargs):
     """A Trainer whose every training forward's output passes through ``hook(trainer, call_number, output)``
     (a forward hook on the method: the method itself is not patched)."""
     from teskd.config import load_config
-    from teskd.engine.trainer import Trainer
+    from teskd.launch import assemble
 
-    trainer = Trainer(load_config(config, args), run, **kwargs)
+    trainer = assemble(load_config(config, args), run, **kwargs)
     calls = {"n": 0}
 
     def forward_hook(module, args, output):

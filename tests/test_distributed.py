@@ -17,7 +17,7 @@ import torch
 from teskd.cli import main
 from teskd.config import load_config
 from teskd.engine.checkpoint import load_checkpoint, save_checkpoint
-from teskd.engine.trainer import _per_rank
+from teskd.launch import per_rank as _per_rank
 from teskd.errors import TeskdError
 
 from conftest import REPO

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 
 from teskd.build import build_model
 from teskd.config import MethodParams, load_config
+from teskd.engine.callbacks import Callback
 from teskd.engine.step import Optimization, make_optimizer
 from teskd.engine.trainer import Trainer
+from teskd.launch import assemble
 from teskd.methods.base import Method, StepOutput, register_method
 from teskd.models import build_backbone
 
@@ -107,7 +109,7 @@ def test_method_is_the_module_that_trains():
 
 def test_two_optimizer_steps_per_batch_train_through_the_engine(data, tmp_path):
     TwoSteps.steps_taken = 0
-    trainer = Trainer(load_config(None, [*train_args(data), "method.name=test_two_steps"]), tmp_path / "run")
+    trainer = assemble(load_config(None, [*train_args(data), "method.name=test_two_steps"]), tmp_path / "run")
     before = {k: v.clone() for k, v in trainer.method.state_dict().items()}
     summary = trainer.run()
     assert TwoSteps.steps_taken == 2 * 2 * 2  # 2 epochs x 2 batches x 2 steps
@@ -118,7 +120,7 @@ def test_two_optimizer_steps_per_batch_train_through_the_engine(data, tmp_path):
 
 def test_a_frozen_module_stays_out_of_the_optimizer_and_in_eval_mode(data, tmp_path):
     FrozenTeacher.seen_modes = []
-    trainer = Trainer(load_config(None, [*train_args(data), "method.name=test_frozen_teacher"]), tmp_path / "kd")
+    trainer = assemble(load_config(None, [*train_args(data), "method.name=test_frozen_teacher"]), tmp_path / "kd")
     frozen = {id(p) for p in trainer.method.teacher.parameters()}
     optimized = {id(p) for g in trainer.opt.optimizer.param_groups for p in g["params"]}
     assert frozen and not frozen & optimized
@@ -139,7 +141,7 @@ def test_a_trainer_leaves_process_settings_and_rngs_as_it_found_them(data, tmp_p
     torch.manual_seed(7)
     state = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone())
     env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    Trainer(load_config(CONFIG, [*train_args(data), "train.epochs=1"]), tmp_path / "run").run()
+    assemble(load_config(CONFIG, [*train_args(data), "train.epochs=1"]), tmp_path / "run").run()
     assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
     assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == env
     assert random.getstate() == state[0] and np.array_equal(np.random.get_state()[1], state[1])
@@ -167,3 +169,88 @@ def test_ddp_wraps_the_method_and_steps_like_the_method(tmp_path):
     plain, ddp = models
     for k in plain:
         assert torch.allclose(plain[k], ddp[k], rtol=0, atol=1e-6), k
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.calls = []
+
+    def on_run_start(self, start):
+        self.calls.append(("start", start.start_epoch, start.resumed))
+
+    def on_epoch_end(self, record):
+        self.calls.append(("epoch", record["epoch"], sorted(record["test_acc"])))
+
+    def on_run_end(self, end):
+        self.calls.append(("end", end.summary["epochs"], [r["epoch"] for r in end.records], end.num_classes))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def test_the_trainer_does_only_what_its_callbacks_do_and_leaves_the_callers_config(data, tmp_path, monkeypatch):
+    """The assembly resolves a copy of the config (relative data root made absolute for config.yaml); a trainer
+    handed only a recording callback writes no export, summary or figure: those are launch's callbacks."""
+    monkeypatch.chdir(data.parent)
+    cfg = load_config(None, [*train_args(data), f"data.root={data.name}", "train.epochs=2", "method.name=ce"])
+    run = tmp_path / "run"
+    assembled = assemble(cfg, run)
+    assert cfg.data.root == data.name and assembled.cfg.data.root == str(data.absolute())
+    assert [type(c).__name__ for c in assembled.callbacks] == ["ExportDeployed", "WriteSummary", "DrawCurves"]
+    recorder = Recorder()
+    summary = Trainer(assembled.parts, run, callbacks=[recorder]).run()
+    assert recorder.calls == [("start", 0, False), ("epoch", 1, ["teacher"]), ("epoch", 2, ["teacher"]),
+                              ("end", 2, [1, 2], 10), ("close",)]
+    assert summary["epochs"] == 2 and summary["method"] == "ce"
+    assert sorted(p.name for p in run.iterdir()) == [".teskd.lock", "checkpoints", "config.yaml", "metrics.jsonl"]
+    assert f"root: {data.absolute()}" in (run / "config.yaml").read_text()
+
+
+@dataclass
+class OddPairingParams(MethodParams):
+    name: str = "test_odd_pairing"
+
+
+@register_method
+class OddPairing(TwoSteps):
+    name = "test_odd_pairing"
+    params_class = OddPairingParams
+    batch_pairing = "neighbours"
+
+
+def test_a_method_asking_for_an_unknown_pairing_is_refused_before_the_folder_is_touched(data, tmp_path):
+    from teskd.errors import TeskdError
+
+    with pytest.raises(TeskdError) as err:
+        assemble(load_config(None, [*train_args(data), "method.name=test_odd_pairing"]), tmp_path / "run")
+    assert str(err.value) == "method test_odd_pairing asks for unknown batch pairing 'neighbours'"
+    assert not (tmp_path / "run").exists()
+
+
+def test_loaders_pair_batches_through_the_protocol():
+    """``pair_batches("same_class")`` (what the assembly calls) is the same-class pairing; the protocol gives
+    the split's size on every rank."""
+    from teskd.data.arrays import ImageArrays
+    from teskd.data.loader import PAIRINGS, Loader
+    from teskd.data.memory_loader import InMemoryLoader
+    from teskd.errors import TeskdError
+
+    n = 11
+    arrays = ImageArrays(torch.zeros(n, 3, 2, 2, dtype=torch.uint8), torch.arange(n) % 3, None)
+
+    def loader(rank):
+        return InMemoryLoader(arrays, 4, shuffle=True, drop_last=False, transform=lambda x: x.float(),
+                              device="cpu", seed=1, rank=rank, world_size=2)
+
+    by_protocol, direct = loader(1), loader(1)
+    assert isinstance(by_protocol, Loader) and PAIRINGS == ("same_class",)
+    assert by_protocol.dataset_size == n and by_protocol.num_samples == 6
+    by_protocol.pair_batches("same_class")
+    direct.pair_same_class()
+    pairs = list(zip(by_protocol, direct, strict=True))
+    assert [a.index.shape[0] for a, _ in pairs] == [8, 4]  # 6 samples on this rank: 4 + 2, each with partners
+    for a, b in pairs:
+        half = a.labels.shape[0] // 2
+        assert torch.equal(a.index, b.index) and torch.equal(a.labels[:half], a.labels[half:])
+    with pytest.raises(TeskdError, match="^unknown batch pairing 'x'; known: same_class$"):
+        loader(0).pair_batches("x")

@@ -15,7 +15,7 @@ from teskd.config import MethodParams, load_config
 from teskd.data.arrays import ImageArrays
 from teskd.data.memory_loader import InMemoryLoader
 from teskd.data.torch_loader import TorchLoader
-from teskd.engine.trainer import Trainer
+from teskd.launch import assemble
 from teskd.methods.base import Method, StepOutput, register_method
 from teskd.models import count_macs, count_params
 
@@ -74,7 +74,7 @@ def test_hooks_are_called_and_training_state_survives_resume(data, tmp_path):
     args = [*train_args(data), "method.name=test_hooks"]
     Hooks.calls = []
     run = tmp_path / "run"
-    first = Trainer(load_config(None, [*args, "train.epochs=1"]), run)
+    first = assemble(load_config(None, [*args, "train.epochs=1"]), run)
     first.run()
     assert Hooks.calls == [("setup", 20, 1), ("epoch", 0, 1)]
     assert first.method.seen.tolist() == [1] * 20  # every sample once per epoch, partners not counted
@@ -83,7 +83,7 @@ def test_hooks_are_called_and_training_state_survives_resume(data, tmp_path):
     assert 0 <= records[0]["train_acc"]["teacher"] <= 100
 
     Hooks.calls = []
-    second = Trainer(load_config(None, [*args, "train.epochs=2"]), run, resume=True)
+    second = assemble(load_config(None, [*args, "train.epochs=2"]), run, resume=True)
     second.run()
     assert Hooks.calls == [("setup", 20, 1), ("load", 20), ("epoch", 1, 2)]
     assert second.method.seen.tolist() == [2] * 20
@@ -157,7 +157,7 @@ def test_pairing_needs_labels_for_every_sample():
 def test_summary_counts_trained_and_deployed_cost(data, tmp_path):
     from test_engine_seams import FrozenTeacher  # noqa: F401  (registers test_frozen_teacher)
 
-    trainer = Trainer(load_config(None, [*train_args(data), "method.name=test_frozen_teacher",
+    trainer = assemble(load_config(None, [*train_args(data), "method.name=test_frozen_teacher",
                                          "train.epochs=1"]), tmp_path / "kd")
     summary = trainer.run()
     backbone = trainer.method.backbone

@@ -27,14 +27,14 @@ def test_evaluate_refuses_non_finite_logits():
 def test_training_stops_when_its_evaluation_is_not_finite(tmp_path, cifar100_root):
     """BatchNorm's running variance gone bad: training (batch statistics) stays finite, evaluation does not."""
     from teskd.config import load_config
-    from teskd.engine.trainer import Trainer
+    from teskd.launch import assemble
     from teskd.errors import TeskdError
 
     args = [f"data.root={cifar100_root}", "model.width_mult=0.125", "data.subset_per_class=2",
             "data.test_subset_per_class=1", "data.batch_size=100", "train.epochs=2", "train.progress=false",
             "train.threads=1"]
     run = tmp_path / "run"
-    trainer = Trainer(load_config(CE, args), run)
+    trainer = assemble(load_config(CE, args), run)
 
     def diverged(bn, args):
         if not bn.training:  # evaluation reads the running statistics

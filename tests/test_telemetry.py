@@ -334,7 +334,7 @@ def test_overwrite_refuses_a_stray_file_in_tensorboard(tb_run, tmp_path, capsys)
 
 def test_failed_drawing_never_fails_the_run(tb_run, tmp_path, monkeypatch, capsys):
     """Without train.tensorboard no events folder; a failing plot is one logged line, the run succeeds."""
-    import teskd.engine.trainer as trainer_module
+    import teskd.run_callbacks as trainer_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("no display\nat all")

@@ -4,7 +4,7 @@ Python API (imported on first use, so ``import teskd`` stays light): :func:`trai
 :func:`export`, :func:`predict` (see :mod:`teskd.api`).
 """
 
-__version__ = "0.1.0"
+from teskd.version import __version__
 __all__ = ["export", "load", "predict", "train"]
 
 

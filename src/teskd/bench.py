@@ -55,24 +55,24 @@ def _sync(device: torch.device) -> None:
 class _Trainee:
     """One model as the trainer holds it: the method, what is called (it or its compiled wrapper), the optimizer."""
 
-    def __init__(self, cfg: Config, num_classes: int, device: torch.device, amp_dtype):
-        from teskd.build import build_model
+    def __init__(self, cfg: Config, num_classes: int, place: runtime.Placement):
+        from teskd.build import assemble_model
 
         runtime.seed_everything(cfg.train.seed)
-        method = build_model(cfg, num_classes)
-        method.setup_data(BATCHES * cfg.data.batch_size)  # as many samples as the synthetic batches hold
-        self.method, self.model = runtime.prepare_model(method, cfg.train, device)
+        samples = BATCHES * cfg.data.batch_size  # as many training samples as the synthetic batches hold
+        self.method, self.model = assemble_model(cfg, num_classes, place, train_samples=samples)
         self.method.train()
-        self.opt = Optimization(make_optimizer(self.method, cfg.optim), device, amp_dtype)
-        self.device, self.amp_dtype = device, amp_dtype
+        self.opt = Optimization(make_optimizer(self.method, cfg.optim), place.device, place.amp_dtype)
+        self.device, self.amp_dtype = place.device, place.amp_dtype
 
 
 def step_input(method, images: torch.Tensor, labels: torch.Tensor, batch: int = 0) -> tuple:
     """``(images, labels, index)`` as the training loader gives them to ``method``: sample indices of the
-    ``batch``-th synthetic batch, and for same-class pairing each batch followed by partners (here: itself)."""
+    ``batch``-th synthetic batch; a method that asks for batch pairing (:data:`teskd.data.loader.PAIRINGS`)
+    gets each batch followed by its B partners (here: itself, which every pairing may draw)."""
     b = labels.shape[0]
     index = torch.arange(batch * b, (batch + 1) * b, device=labels.device)
-    if method.batch_pairing == "same_class":
+    if method.batch_pairing is not None:
         return torch.cat([images, images]), torch.cat([labels, labels]), torch.cat([index, index])
     return images, labels, index
 
@@ -179,10 +179,10 @@ def _memory_probe(cfg: Config, num_classes: int, threads: int | None = None) -> 
     """Peak memory of ``MEMORY_STEPS`` steps of a fresh model; on the CPU meant for a fresh process."""
     if threads:
         torch.set_num_threads(threads)
-    device = runtime.resolve_device(cfg.train.device)
-    amp_dtype = runtime.resolve_amp(cfg.train.amp, device)
+    place = runtime.placement(cfg.train)
+    device = place.device
     with runtime.settings(cfg.train, device):
-        trainee = _Trainee(cfg, num_classes, device, amp_dtype)
+        trainee = _Trainee(cfg, num_classes, place)
         ((images, labels),) = synthetic_batches(cfg, device)
         gc.collect()
         _sync(device)
@@ -239,10 +239,11 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, inference: bool = F
 
 
 def _time(cfg: Config, configs: dict, device, steps: int, warmup: int, inference: bool, progress: bool) -> dict:
-    amp_dtype = runtime.resolve_amp(cfg.train.amp, device)
+    place = runtime.placement(cfg.train)
+    amp_dtype = place.amp_dtype
     spec, b = get_dataset_spec(cfg.data.dataset), cfg.data.batch_size
     _log(progress, f"building {cfg.method.name} and ce ({cfg.model.arch} x{cfg.model.width_mult:g}) on {device}")
-    trainees = {k: _Trainee(c, _classes(cfg), device, amp_dtype) for k, c in configs.items()}
+    trainees = {k: _Trainee(c, _classes(cfg), place) for k, c in configs.items()}
     batches = synthetic_batches(cfg, device, BATCHES)
     _log(progress, f"{warmup} warm-up and {steps} timed steps each, alternating")
     step_s = _alternate({k: (lambda i, t=t: train_step(t, *batches[i % BATCHES], i % BATCHES))

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from teskd import __version__
+from teskd.version import __version__
 from teskd.errors import TeskdError, printable
 from teskd.registry import load_plugins
 

@@ -17,7 +17,6 @@ from teskd.config import Config, DataConfig, from_dict, resolve_data_root
 from teskd.data.pipeline import class_count, input_size
 from teskd.engine import runtime
 from teskd.deploy.source import checkpoint_path, read_checkpoint
-from teskd.engine.checkpoint import build_with_weights
 from teskd.engine.evaluate import evaluate
 from teskd.errors import TeskdError
 
@@ -92,22 +91,21 @@ def _full_overrides(overrides, split: str, full: bool) -> list[str]:
 def evaluate_checkpoint(target: Path, overrides=(), which: str = "last", split: str = "test",
                         full: bool = False) -> dict:
     """Per-branch top-1/top-5 of a run directory's checkpoint (or a ``.pt`` file), with its config."""
-    from teskd.build import build_model
+    from teskd.build import assemble_model
 
     path = checkpoint_path(Path(target), which)
     state = read_checkpoint(path)
     cfg: Config = from_dict(state["config"], _full_overrides(overrides, split, full))
-    device = runtime.resolve_device(cfg.train.device)
-    amp = runtime.resolve_eval_amp(cfg.train, device)
+    place = runtime.placement(cfg.train, training=False)
+    device, amp = place.device, place.eval_amp_dtype
     num_classes = class_count(cfg.data)
     if num_classes != state["num_classes"]:
         raise TeskdError(f"checkpoint {path} was trained for {state['num_classes']} classes, "
                          f"but {cfg.data.dataset} has {num_classes}")
     loader, info = load_eval_split(cfg.data, split, device)
-    method = build_with_weights(lambda: build_model(cfg, num_classes), state["model"],
-                                f"checkpoint {path} does not match {cfg.model.arch}/{cfg.method.name}")
     with runtime.settings(cfg.train, device):
-        _, model = runtime.prepare_model(method, cfg.train, device)
+        _, model = assemble_model(cfg, num_classes, place, weights=state["model"],
+                                  mismatch=f"checkpoint {path} does not match {cfg.model.arch}/{cfg.method.name}")
         acc = evaluate(model, loader, device, amp, channels_last=cfg.train.channels_last,
                        progress=cfg.train.progress, desc=split)
     return {"kind": "checkpoint", "checkpoint": str(path), "epoch": state["epoch"], "arch": cfg.model.arch,
@@ -206,7 +204,7 @@ def model_info(cfg: Config) -> dict:
     """
     from dataclasses import fields, replace
 
-    from teskd.build import build_model
+    from teskd.build import assemble_model
     from teskd.engine.summary import trained_params
     from teskd.models import count_macs, count_params
 
@@ -214,8 +212,8 @@ def model_info(cfg: Config) -> dict:
     if "fast_students" in {f.name for f in fields(cfg.method)}:
         reference_cfg = replace(cfg, method=replace(cfg.method, fast_students=False))
     with torch.device("meta"):  # shapes only: no memory, no compute, instant even for 435M parameters
-        method = build_model(cfg, class_count(cfg.data))
-        reference = build_model(reference_cfg, class_count(cfg.data))
+        method, _ = assemble_model(cfg, class_count(cfg.data))
+        reference, _ = assemble_model(reference_cfg, class_count(cfg.data))
     size = input_size(cfg.data)
     shape = (1, 3, size, size)
     forward = lambda m, x: m.eval()(x)  # noqa: E731  (all branches)

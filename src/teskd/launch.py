@@ -1,11 +1,14 @@
-"""Starting, resuming or replacing a run: the folder checks ``teskd train`` and :func:`teskd.train` share."""
+"""The composition root of a run: config -> data -> method -> optimizer -> run folder -> trainer with its
+callbacks (:func:`assemble`), and the folder checks ``teskd train`` and :func:`teskd.train` share."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from pathlib import Path
 
-from teskd.config import Config, from_dict, load_config, to_dict
+from teskd.config import Config, expand_path, from_dict, load_config, resolve_data_root, to_dict
 from teskd.errors import TeskdError
 
 
@@ -32,46 +35,145 @@ def train_run(config=None, overrides: list[str] = (), out=None, resume: bool = F
     ``overwrite``: replace ``out`` if it is a teskd run (never a folder holding anything else).
     """
     from teskd.engine import distributed
-    from teskd.engine.rundir import RunDir
-    from teskd.engine.trainer import Trainer
     from teskd.log import log
 
     overrides = list(overrides)
     if resume and overwrite:
         raise TeskdError("--resume and --overwrite contradict each other; pass one of them")
-    if resume:
-        if out is None:
-            raise TeskdError("resuming needs the run directory to continue")
-        run = RunDir(out)
-        if run.config.is_file():
-            cfg = load_config(run.config, overrides)
-        elif config is None:
-            what = "no such run directory" if not run.path.exists() else \
-                f"it has no {run.config.name}, so it is not a teskd run directory"
-            raise TeskdError(f"cannot resume {run.path}: {what} (to start it when it does not exist yet, as a "
-                             f"requeued job does, pass the config too: teskd train CONFIG --resume {run.path})")
-        else:  # this run has not written its config yet: start it
-            if run.path.exists() and not run.path.is_dir():
-                raise TeskdError(f"--resume {run.path} is an existing file, not a run directory")
-            if run.foreign_entries():
-                run.check_replaceable()  # raises: never adopt a folder of someone else's files
-            print(f"{run.path} has no {run.config.name} yet: starting it from {config}", flush=True)
-            cfg = _config(config, overrides)
-    else:
-        cfg = _config(config, overrides)
-        run = RunDir(out if out is not None else _default_out(config))
-        if run.path.exists() and not run.path.is_dir():
-            raise TeskdError(f"--out {run.path} is an existing file, not a run directory; choose another --out")
-        if not run.is_empty():
-            if not overwrite:
-                raise TeskdError(f"run directory {run.path} already exists and is not empty; "
-                                 f"use --resume {run.path} to continue it or --overwrite to replace it")
-            run.check_replaceable()  # a teskd run and nothing else; it is replaced only once the new run starts
+    cfg, run = (_resumed if resume else _started)(config, overrides, out, overwrite)
     distributed.barrier()  # every rank has checked the folder before any rank writes to it
     log.info(f"run directory: {run.path}")
-    trainer = Trainer(cfg, run.path, resume=resume, overwrite=overwrite)
+    trainer = assemble(cfg, run.path, resume=resume, overwrite=overwrite)
     summary = trainer.run()
     log.info(f"done: {trainer.method.deploy_branch} top-1 last {summary['teacher_top1_last']:.2f}%, "
              f"best {summary['teacher_top1_best']:.2f}% (epoch {summary['best_epoch']}, "
              f"selected on {summary['selected_on']}); deployable weights: {run.teacher}")
     return {**summary, "run_dir": str(run.path)}
+
+
+def _resumed(config, overrides: list[str], out, overwrite: bool):
+    """The config and folder of ``--resume out``: the folder's own config.yaml, or ``config`` for a folder
+    that has not started yet."""
+    from teskd.engine.rundir import RunDir
+
+    if out is None:
+        raise TeskdError("resuming needs the run directory to continue")
+    run = RunDir(out)
+    if run.config.is_file():
+        return load_config(run.config, overrides), run
+    if config is None:
+        what = "no such run directory" if not run.path.exists() else \
+            f"it has no {run.config.name}, so it is not a teskd run directory"
+        raise TeskdError(f"cannot resume {run.path}: {what} (to start it when it does not exist yet, as a "
+                         f"requeued job does, pass the config too: teskd train CONFIG --resume {run.path})")
+    # this run has not written its config yet: start it
+    if run.path.exists() and not run.path.is_dir():
+        raise TeskdError(f"--resume {run.path} is an existing file, not a run directory")
+    if run.foreign_entries():
+        run.check_replaceable()  # raises: never adopt a folder of someone else's files
+    print(f"{run.path} has no {run.config.name} yet: starting it from {config}", flush=True)
+    return _config(config, overrides), run
+
+
+def _started(config, overrides: list[str], out, overwrite: bool):
+    """The config and folder of a new run (``overwrite``: the folder may hold a teskd run to replace)."""
+    from teskd.engine.rundir import RunDir
+
+    cfg = _config(config, overrides)
+    run = RunDir(out if out is not None else _default_out(config))
+    if run.path.exists() and not run.path.is_dir():
+        raise TeskdError(f"--out {run.path} is an existing file, not a run directory; choose another --out")
+    if not run.is_empty():
+        if not overwrite:
+            raise TeskdError(f"run directory {run.path} already exists and is not empty; "
+                             f"use --resume {run.path} to continue it or --overwrite to replace it")
+        run.check_replaceable()  # a teskd run and nothing else; it is replaced only once the new run starts
+    return cfg, run
+
+
+def resolved(cfg: Config) -> Config:
+    """A copy of ``cfg`` with its paths absolute (the data folder, the method's and model's files), as a run
+    stores it: the run then works from any directory. ``cfg`` itself is left as it was."""
+    cfg = copy.deepcopy(cfg)
+    cfg.data.root = str(resolve_data_root(cfg.data))
+    for name in cfg.method.path_fields:
+        if getattr(cfg.method, name):
+            setattr(cfg.method, name, str(expand_path(getattr(cfg.method, name)).absolute()))
+    if cfg.model.pretrained:
+        cfg.model.pretrained = str(expand_path(cfg.model.pretrained).absolute())
+    return cfg
+
+
+def assemble(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False):
+    """The :class:`~teskd.engine.trainer.Trainer` of ``cfg`` writing into ``run_dir``: data, method and
+    optimizer built (seeded, under the run's torch settings), with ``teskd train``'s callbacks. Nothing is
+    written yet: the trainer prepares the folder once it holds its lock."""
+    from teskd.engine import distributed, runtime
+    from teskd.engine.rundir import RunDir
+    from teskd.engine.step import Optimization, make_optimizer
+    from teskd.engine.tensorboard import summary_writer_class
+    from teskd.engine.trainer import RunParts, Trainer
+    from teskd.log import log
+    from teskd.run_callbacks import run_callbacks
+
+    cfg, rundir = resolved(cfg), RunDir(run_dir)
+    if cfg.train.tensorboard and distributed.is_primary():
+        summary_writer_class()  # a missing tensorboard fails here: before the data, the model or the folder
+    place, world = runtime.placement(cfg.train), distributed.world_size()
+    with runtime.settings(cfg.train, place.device):
+        runtime.seed_everything(cfg.train.seed)
+        data, method, model = _data_and_model(cfg, place, world)
+        rng = runtime.rng_state()  # training continues the RNG streams from here
+    if world > 1:
+        log.info(f"{world} processes: global batch {cfg.data.batch_size} = {world} x "
+                 f"{cfg.data.batch_size // world} per process")
+    opt = Optimization(make_optimizer(method, cfg.optim), place.device, place.amp_dtype)
+    parts = RunParts(cfg, data, method, model, opt, place, world, _input_size(cfg), checkpoint_minutes(cfg, data),
+                     rng)
+    return Trainer(parts, rundir.path, resume=resume, overwrite=overwrite, callbacks=run_callbacks(rundir, cfg))
+
+
+def _data_and_model(cfg: Config, place, world: int):
+    """This process's loaders, then the method built for them (pretrained weights read) and placed."""
+    from teskd.build import assemble_model
+    from teskd.data.pipeline import build_data
+    from teskd.engine import distributed
+
+    data = build_data(per_rank(cfg.data, world), place.device, cfg.train.seed, rank=distributed.rank(),
+                      world_size=world)
+    method, model = assemble_model(cfg, data.num_classes, place, pretrained=True, distributed_ok=True,
+                                   train_samples=data.train.dataset_size, world=world)
+    if method.batch_pairing is not None:  # e.g. CS-KD: each batch followed by same-class partners
+        from teskd.data.loader import PAIRINGS
+
+        if method.batch_pairing not in PAIRINGS:
+            raise TeskdError(f"method {cfg.method.name} asks for unknown batch pairing {method.batch_pairing!r}")
+        data.train.pair_batches(method.batch_pairing)
+    return data, method, model
+
+
+def _input_size(cfg: Config) -> int:
+    from teskd.data.pipeline import input_size
+
+    return input_size(cfg.data)
+
+
+def checkpoint_minutes(cfg: Config, data) -> float:
+    """``train.checkpoint_minutes``, or the dataset's sensible interval: none for in-memory datasets (epochs
+    take seconds; every epoch is saved), 30 minutes for streamed ones (epochs take hours)."""
+    from teskd.data.memory_loader import InMemoryLoader
+
+    if cfg.train.checkpoint_minutes is not None:
+        return cfg.train.checkpoint_minutes
+    return 0.0 if isinstance(data.train, InMemoryLoader) else 30.0
+
+
+def per_rank(data, world: int):
+    """The data config one process loads: the configured (global) batch sizes split over ``world`` ranks."""
+    if world == 1:
+        return data
+    if data.batch_size % world:
+        raise TeskdError(f"data.batch_size={data.batch_size} is the global batch: it must divide evenly over "
+                         f"{world} processes (e.g. {data.batch_size // world * world or world})")
+    return dataclasses.replace(data, batch_size=data.batch_size // world,
+                               eval_batch_size=max(1, -(-data.eval_batch_size // world)))

@@ -115,8 +115,8 @@ def check_out(out: Path) -> None:
 
 def import_official(path: Path, arch: str, out: Path, overrides=()) -> Path:
     """Convert an official state dict into a new run directory, ``.pt`` checkpoint or teacher ``.safetensors``."""
-    from teskd import __version__
-    from teskd.build import build_model
+    from teskd.version import __version__
+    from teskd.build import assemble_model
     from teskd.config import load_config, resolve_data_root, save_config, to_dict
     from teskd.data.registry import get_dataset_spec
     from teskd.engine.checkpoint import save_checkpoint
@@ -136,7 +136,7 @@ def import_official(path: Path, arch: str, out: Path, overrides=()) -> Path:
     if dataset_classes is not None and dataset_classes != num_classes:
         raise TeskdError(f"{path} has {num_classes}-way heads but data.dataset={cfg.data.dataset} has "
                          f"{dataset_classes} classes; set data.dataset")
-    method = build_model(cfg, num_classes)
+    method, _ = assemble_model(cfg, num_classes)
     method.load_state_dict(convert(state, method))
     checkpoint = {"model": method.state_dict(), "config": to_dict(cfg), "epoch": 0, "num_classes": num_classes,
                   "imported_from": str(path), "teskd_version": __version__}

@@ -23,12 +23,23 @@ class Batch(NamedTuple):
     index: torch.Tensor  # int64 (B,): the samples' dataset indices, on the labels' device
 
 
+# how a method may ask for its training batches to be extended: each batch of B samples followed by B
+# partners, one per sample ("same_class": a random sample of the same class, possibly itself)
+PAIRINGS = ("same_class",)
+
+
 @runtime_checkable
 class Loader(Protocol):
     batch_size: int  # per rank
 
     @property
     def num_samples(self) -> int: ...  # the samples this rank sees per epoch
+
+    @property
+    def dataset_size(self) -> int: ...  # the samples of the whole split (all ranks together)
+
+    def pair_batches(self, pairing: str) -> None:
+        """From now on follow each batch with partners as ``pairing`` (one of :data:`PAIRINGS`) says."""
 
     def __len__(self) -> int: ...  # the batches per epoch for this rank
 
@@ -75,6 +86,15 @@ class ShardedEpochs:
         counts = torch.bincount(labels, minlength=int(labels.max()) + 1 if len(labels) else 0)
         starts = torch.cumsum(counts, 0) - counts
         self._classes = (labels, members, torch.stack([starts, counts]))
+
+    @property
+    def dataset_size(self) -> int:
+        return self.size
+
+    def pair_batches(self, pairing: str) -> None:
+        if pairing not in PAIRINGS:
+            raise TeskdError(f"unknown batch pairing {pairing!r}; known: {', '.join(PAIRINGS)}")
+        self.pair_same_class()  # the loaders know their labels
 
     def batch_indices(self, order: torch.Tensor, step: int) -> torch.Tensor:
         """The dataset indices of batch ``step`` of ``order`` (CPU), with same-class partners when pairing."""

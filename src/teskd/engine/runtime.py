@@ -5,12 +5,30 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from teskd.config import TrainConfig
 from teskd.errors import TeskdError
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in what precision a configured model runs: resolved once from ``train.*``."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # training's autocast dtype; None: float32
+    eval_amp_dtype: torch.dtype | None  # evaluation's; None: float32 (unless train.eval_amp)
+
+
+def placement(cfg: TrainConfig, training: bool = True) -> Placement:
+    """``train.device``, ``train.amp`` and ``train.eval_amp`` resolved for this process. ``training=False``
+    (evaluation only) leaves ``train.amp`` alone: a GPU run's bf16 setting does not stop a CPU evaluation."""
+    device = resolve_device(cfg.device)
+    amp = resolve_amp(cfg.amp, device) if training else None
+    return Placement(device, amp, resolve_eval_amp(cfg, device))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 
+from teskd.config import Config
 from teskd.errors import TeskdError
-from teskd.data.pipeline import input_size
-from teskd.engine.runtime import precision_name
+from teskd.engine.runtime import Placement, precision_name
 from teskd.models import count_macs, count_params
 
 
-def summarise(trainer, records: list[dict]) -> dict:
+@dataclass(frozen=True)
+class RunTotals:
+    """What the trainer counted over the whole run (all processes of a resumed run together)."""
+
+    best_epoch: int
+    train_seconds: float
+    train_images: int
+    has_val: bool  # the best epoch was selected on the validation split
+
+
+def summarise(records: list[dict], cfg: Config, method, place: Placement, image_size: int, totals: RunTotals,
+              metrics_path: Path, run_dir: Path) -> dict:
     """Numbers of the deployed branch (``teacher_*`` keys, whatever the method calls it)."""
     if not records:
-        raise TeskdError(f"no finished epoch in {trainer.run_dir}; nothing to summarise")
-    branch, cfg, has_val = trainer.method.deploy_branch, trainer.cfg, trainer.data.val is not None
+        raise TeskdError(f"no finished epoch in {run_dir}; nothing to summarise")
+    branch = method.deploy_branch
     records = [r for r in records if "test_acc" in r]  # evaluated epochs (train.eval_every); the last always is
     last = records[-1]
-    best_epoch = trainer.best["epoch"]
-    best = next((r for r in records if r["epoch"] == best_epoch), None)
+    best = next((r for r in records if r["epoch"] == totals.best_epoch), None)
     if best is None:
-        raise TeskdError(f"{trainer.metrics.path} has no record of the best epoch {best_epoch}; "
+        raise TeskdError(f"{metrics_path} has no record of the best epoch {totals.best_epoch}; "
                          f"the file was edited or damaged")
-    seconds, images = trainer.train_seconds, trainer.train_images
+    seconds, images = totals.train_seconds, totals.train_images
     summary = {
         "method": cfg.method.name,
         "arch": cfg.model.arch,
@@ -33,20 +46,20 @@ def summarise(trainer, records: list[dict]) -> dict:
         "teacher_top1_last": last["test_acc"][branch],
         "teacher_top5_last": last["test_top5"][branch],
         "teacher_top1_best": best["test_acc"][branch],
-        "best_epoch": best_epoch,
-        "selected_on": "val" if has_val else "test",
+        "best_epoch": totals.best_epoch,
+        "selected_on": "val" if totals.has_val else "test",
         # the paper's protocol: the maximum test accuracy over epochs (optimistic; for comparison only)
         "teacher_top1_max_test": max(r["test_acc"][branch] for r in records),
         "test_acc_last": last["test_acc"],
-        **cost(trainer.method, input_size(cfg.data)),
+        **cost(method, image_size),
         "train_images_per_sec": images / seconds if seconds else None,  # JSON has no NaN (runfiles refuses it)
         "train_hours": seconds / 3600,
-        "device": str(trainer.device),
-        "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "off",
-        "eval_precision": precision_name(trainer.eval_amp_dtype),
+        "device": str(place.device),
+        "amp": str(place.amp_dtype).replace("torch.", "") if place.amp_dtype else "off",
+        "eval_precision": precision_name(place.eval_amp_dtype),
         "torch": torch.__version__,
     }
-    if has_val:
+    if totals.has_val:
         summary["teacher_val_top1_best"] = best["val_acc"][branch]
     return summary
 

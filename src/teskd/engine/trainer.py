@@ -1,23 +1,28 @@
 """The training loop: method-agnostic, resumable, rank-aware; writes a run directory
-(layout: :mod:`teskd.engine.rundir`; checkpoints: :mod:`teskd.engine.checkpointer`)."""
+(layout: :mod:`teskd.engine.rundir`; checkpoints: :mod:`teskd.engine.checkpointer`).
+
+The trainer is handed a run already assembled (:class:`RunParts`, built by :mod:`teskd.launch`) and
+imports nothing above the engine: what a run does besides training and checkpointing is a
+:class:`~teskd.engine.callbacks.Callback`.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from teskd import __version__, fileio
-from teskd.build import build_model
-from teskd.config import Config, expand_path, resolve_data_root, to_dict
-from teskd.curves import plot_curves, run_title
-from teskd.data.memory_loader import InMemoryLoader
-from teskd.data.pipeline import build_data
+from teskd import fileio
+from teskd.version import __version__
+from teskd.config import Config, to_dict
+from teskd.data.bundle import DataBundle
 from teskd.engine import distributed, runtime
+from teskd.engine.callbacks import Callback, RunEnd, RunStart
 from teskd.engine.checkpoint import load_model_weights
 from teskd.engine.checkpointer import Checkpointer
 from teskd.engine.evaluate import NonFiniteEvaluation, evaluate
@@ -26,62 +31,46 @@ from teskd.engine.metrics import MetricsLog, progress_interval
 from teskd.engine.rundir import RunDir, RunLock
 from teskd.engine.schedule import lr_factor
 from teskd.engine.signals import Interrupted, stop_on_signals
-from teskd.engine.step import Optimization, make_optimizer
-from teskd.engine.summary import summarise
-from teskd.engine.tensorboard import TensorBoardLog, summary_writer_class
-from teskd.errors import TeskdError, one_line
-from teskd.deploy.safetensors_format import export_teacher
+from teskd.engine.step import Optimization
+from teskd.engine.summary import RunTotals, summarise
+from teskd.errors import TeskdError
 from teskd.log import log
 
 
+@dataclass
+class RunParts:
+    """Everything a run trains with, assembled before the trainer starts (see :func:`teskd.launch.assemble`)."""
+
+    cfg: Config  # resolved (absolute paths): what config.yaml and the checkpoints record
+    data: DataBundle  # the train/val/test loaders (the Loader protocol), num_classes, classes
+    method: nn.Module  # the Method (its state dict is what checkpoints hold)
+    model: nn.Module  # what the loop calls: the method or its DDP/compiled wrapper
+    opt: Optimization
+    place: runtime.Placement
+    world: int  # processes training together
+    image_size: int  # the training input size (the summary's cost per image)
+    checkpoint_minutes: float  # train.checkpoint_minutes resolved for this dataset; 0: no timed saves
+    rng: dict  # the RNG streams training continues from (taken right after building)
+
+
 class Trainer:
-    """Trains ``cfg`` into ``run_dir``.
+    """Trains ``parts`` into ``run_dir``.
 
     ``resume``: continue the run from its newest verified checkpoint (a run killed before its
     first checkpoint starts again from the beginning, saying so). ``overwrite``: replace the
     previous run in ``run_dir`` (the caller has checked it is one); its files are removed only
-    once this run holds the folder's lock, after the data and the model have been built.
+    once this run holds the folder's lock. ``callbacks`` run on the primary rank, in order.
     Process-wide torch switches and RNGs are set only while the Trainer works, then restored.
     """
 
-    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False):
-        cfg.data.root = str(resolve_data_root(cfg.data))  # stored absolute: the run works from any directory
-        for name in cfg.method.path_fields:
-            if getattr(cfg.method, name):
-                setattr(cfg.method, name, str(expand_path(getattr(cfg.method, name)).absolute()))
-        if cfg.model.pretrained:
-            cfg.model.pretrained = str(expand_path(cfg.model.pretrained).absolute())
-        self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
+    def __init__(self, parts: RunParts, run_dir: Path, resume: bool = False, overwrite: bool = False,
+                 callbacks: Sequence[Callback] = ()):
+        self.parts, self.cfg, self.resume, self.overwrite = parts, parts.cfg, resume, overwrite
+        self.callbacks = list(callbacks)
         self.rundir = RunDir(run_dir)
         self.run_dir = self.rundir.path
-        tc = cfg.train
-        if tc.tensorboard and distributed.is_primary():
-            summary_writer_class()  # a missing tensorboard fails here: before the data, the model or the folder
-        self.device = runtime.resolve_device(tc.device)
-        self.amp_dtype = runtime.resolve_amp(tc.amp, self.device)
-        self.eval_amp_dtype = runtime.resolve_eval_amp(tc, self.device)  # None: float32 evaluation
-        self.world = distributed.world_size()
-        with runtime.settings(tc, self.device):
-            runtime.seed_everything(tc.seed)
-            self.data = build_data(_per_rank(cfg.data, self.world), self.device, tc.seed, rank=distributed.rank(),
-                                   world_size=self.world)
-            method = build_model(cfg, self.data.num_classes, pretrained=True)
-            if method.batch_pairing == "same_class":
-                self.data.train.pair_same_class()
-            elif method.batch_pairing is not None:
-                raise TeskdError(f"method {cfg.method.name} asks for unknown batch pairing {method.batch_pairing!r}")
-            method.setup_data(self.data.train.size, self.world)
-            if tc.sync_bn and self.world > 1:
-                if self.device.type != "cuda":
-                    raise TeskdError("train.sync_bn=true needs GPUs (NCCL); on CPUs each process keeps its own "
-                                     "BatchNorm statistics")
-                method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-            self.method, self.model = runtime.prepare_model(method, tc, self.device, distributed_ok=True)
-            self._rng = runtime.rng_state()  # training continues the RNG streams from here
-        if self.world > 1:
-            log.info(f"{self.world} processes: global batch {cfg.data.batch_size} = {self.world} x "
-                     f"{cfg.data.batch_size // self.world} per process")
-        self.opt = Optimization(make_optimizer(self.method, cfg.optim), self.device, self.amp_dtype)
+        self.data, self.method, self.model, self.opt = parts.data, parts.method, parts.model, parts.opt
+        self.device, self.world, self._rng = parts.place.device, parts.world, parts.rng
         self.metrics = MetricsLog(self.rundir.metrics)
         self.ckpt_dir = self.rundir.checkpoints
         self.checkpointer = Checkpointer(self.rundir)
@@ -91,7 +80,6 @@ class Trainer:
         self.best = {"epoch": 0, "score": -1.0}
         self.train_seconds = 0.0
         self.train_images = 0
-        self.tensorboard: TensorBoardLog | None = None  # open during run() with train.tensorboard (primary rank)
 
     # --- state -----------------------------------------------------------------------------
 
@@ -156,11 +144,11 @@ class Trainer:
     def run(self) -> dict:
         lock = RunLock(self.rundir) if distributed.is_primary() else contextlib.nullcontext()
         with lock, runtime.settings(self.cfg.train, self.device), stop_on_signals(self), \
-                contextlib.ExitStack() as closing:  # the event writer closes however the run ends
+                contextlib.ExitStack() as closing:  # the callbacks close however the run ends
             self.checkpointer.lock = lock if distributed.is_primary() else None
             runtime.set_rng_state(self._rng)
             self._start()
-            self.tensorboard = self._open_tensorboard(closing)
+            self._start_callbacks(closing)
             epochs = self.cfg.train.epochs
             if self.start_epoch >= epochs:
                 log.info(f"run already finished {self.start_epoch}/{epochs} epochs; writing artifacts")
@@ -192,12 +180,13 @@ class Trainer:
                 self.checkpointer.repair_best(state, used)
         distributed.barrier()
 
-    def _open_tensorboard(self, closing: contextlib.ExitStack) -> TensorBoardLog | None:
-        if not (self.cfg.train.tensorboard and distributed.is_primary()):
-            return None
-        # a resume redoes the epochs after its checkpoint: drop their events from a killed process
-        purge = self.start_epoch + 1 if self.resume else None
-        return closing.enter_context(TensorBoardLog(self.rundir.tensorboard, purge_step=purge))
+    def _start_callbacks(self, closing: contextlib.ExitStack) -> None:
+        if not distributed.is_primary():
+            return
+        start = RunStart(self.run_dir, self.start_epoch, self.resume)
+        for callback in self.callbacks:
+            closing.callback(callback.close)  # however the run ends
+            callback.on_run_start(start)
 
     def _prepare_folder(self) -> None:
         if self.overwrite:
@@ -228,8 +217,8 @@ class Trainer:
         self.checkpointer.check_run_dir()
         if distributed.is_primary():
             self.metrics.append(record)
-            if self.tensorboard is not None:
-                self.tensorboard.log_epoch(record)
+            for callback in self.callbacks:
+                callback.on_epoch_end(record)
         self.checkpointer.save(self.state_dict(epoch + 1), best=improved)
         self._print_epoch(record)
 
@@ -289,9 +278,7 @@ class Trainer:
 
     def _decide(self, every_due: bool, saved_at: float) -> tuple[bool, bool]:
         """(stop, save) agreed by all ranks: a signal on any rank; a step or time interval reached."""
-        minutes = self.cfg.train.checkpoint_minutes
-        if minutes is None:  # in-memory epochs take seconds; image-folder epochs take hours
-            minutes = 0.0 if isinstance(self.data.train, InMemoryLoader) else 30.0
+        minutes = self.parts.checkpoint_minutes
         time_due = minutes > 0 and time.perf_counter() - saved_at >= 60.0 * minutes
         stop, due = distributed.any_ranks([bool(self.stop_signal), every_due or time_due], self.device)
         return stop, due
@@ -337,8 +324,9 @@ class Trainer:
         return record
 
     def evaluate_epoch(self) -> dict:
-        kw = dict(device=self.device, amp_dtype=self.eval_amp_dtype, channels_last=self.cfg.train.channels_last,
-                  progress=self.cfg.train.progress and distributed.is_primary())
+        tc = self.cfg.train
+        kw = dict(device=self.device, amp_dtype=self.parts.place.eval_amp_dtype, channels_last=tc.channels_last,
+                  progress=tc.progress and distributed.is_primary())
         result = {}
         if self.data.val is not None:
             val = evaluate(self.model, self.data.val, desc="val", **kw)
@@ -364,22 +352,17 @@ class Trainer:
     # --- end of run ------------------------------------------------------------------------
 
     def finish(self) -> dict:
+        """The run's summary; on the primary rank the callbacks' end-of-run work (export, files, figures)."""
         records = self.metrics.read()
-        summary = summarise(self, records)
+        totals = RunTotals(self.best["epoch"], self.train_seconds, self.train_images, self.data.val is not None)
+        summary = summarise(records, self.cfg, self.method, self.parts.place, self.parts.image_size, totals,
+                            self.metrics.path, self.run_dir)
         if distributed.is_primary():
             self.checkpointer.check_run_dir()
-            export_teacher(self.method, self.rundir.teacher, self.cfg, self.data.num_classes, self.data.classes)
-            fileio.atomic_write_text(self.rundir.summary, json.dumps(summary, indent=2) + "\n")
-            self._draw_curves(records)
+            end = RunEnd(self.run_dir, summary, records, self.method, self.data.num_classes, self.data.classes)
+            for callback in self.callbacks:
+                callback.on_run_end(end)
         return summary
-
-    def _draw_curves(self, records: list[dict]) -> None:
-        """RUN/curves.png. Never fails the run: the weights and the summary are what matter."""
-        try:
-            plot_curves(records, self.rundir.curves, run_title(self.run_dir.resolve().name, to_dict(self.cfg)),
-                        self.method.deploy_branch)
-        except Exception as exc:  # noqa: BLE001  (matplotlib missing or failing, a full disk, ...)
-            log.info(f"curves.png not written ({one_line(exc, 200)}); draw it later: teskd curves {self.run_dir}")
 
 
 def _evaluates(done: int, tc) -> bool:
@@ -403,17 +386,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _changed_settings(old: dict, new: dict) -> list[tuple[str, object, object]]:
     a, b = _flatten(old), _flatten(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def _per_rank(data, world: int):
-    """The data config one process loads: the configured (global) batch sizes split over ``world`` ranks."""
-    if world == 1:
-        return data
-    if data.batch_size % world:
-        raise TeskdError(f"data.batch_size={data.batch_size} is the global batch: it must divide evenly over "
-                         f"{world} processes (e.g. {data.batch_size // world * world or world})")
-    return dataclasses.replace(data, batch_size=data.batch_size // world,
-                               eval_batch_size=max(1, -(-data.eval_batch_size // world)))
 
 
 class _Waiting:
