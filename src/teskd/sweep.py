@@ -1,4 +1,5 @@
-"""``teskd sweep``: a grid of training runs from one YAML file, trained one after another in this process.
+"""``teskd sweep``: a grid of training runs from one YAML file, trained one after another in this process
+(the default), or by a launcher (:mod:`teskd.launchers`: ``--launcher local --jobs N``, ``--launcher slurm``).
 
 A sweep file::
 
@@ -11,6 +12,7 @@ A sweep file::
       teskd: {config: configs/cifar100/resnet18_teskd.yaml, overrides: [method.detach_teacher=true]}
     grid:                              # optional: every combination, for every variant
       train.epochs: [15, 30]
+    launcher: {partition: gpu, time: 240}   # optional: Slurm resources (teskd.launchers.slurm.RESOURCES)
 
 Relative paths (``out``, ``base``, ``config``) are relative to the current directory, as in ``teskd train``.
 Each run is ``<out>/<variant>[-<grid tag>...]-s<seed>``; runs go variant by variant, then grid combination
