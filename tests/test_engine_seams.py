@@ -16,7 +16,7 @@ from teskd.config import MethodParams, load_config
 from teskd.engine.callbacks import Callback
 from teskd.engine.step import Optimization, make_optimizer
 from teskd.engine.trainer import Trainer
-from teskd.launch import assemble
+from teskd.launch import assemble, checkpoint_minutes
 from teskd.methods.base import Method, StepOutput, register_method
 from teskd.models import build_backbone
 
@@ -197,6 +197,9 @@ def test_the_trainer_does_only_what_its_callbacks_do_and_leaves_the_callers_conf
     assembled = assemble(cfg, run)
     assert cfg.data.root == data.name and assembled.cfg.data.root == str(data.absolute())
     assert [type(c).__name__ for c in assembled.callbacks] == ["ExportDeployed", "WriteSummary", "DrawCurves"]
+    assert assembled.parts.checkpoint_minutes == 0.0  # in-memory data: the spec's interval (epoch ends only)
+    assert checkpoint_minutes(load_config(None, ["train.checkpoint_minutes=5"])) == 5.0
+    assert checkpoint_minutes(load_config(None, ["data.dataset=imagefolder"])) == 30.0
     recorder = Recorder()
     summary = Trainer(assembled.parts, run, callbacks=[recorder]).run()
     assert recorder.calls == [("start", 0, False), ("epoch", 1, ["teacher"]), ("epoch", 2, ["teacher"]),

@@ -128,7 +128,7 @@ def assemble(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool =
         log.info(f"{world} processes: global batch {cfg.data.batch_size} = {world} x "
                  f"{cfg.data.batch_size // world} per process")
     opt = Optimization(make_optimizer(method, cfg.optim), place.device, place.amp_dtype)
-    parts = RunParts(cfg, data, method, model, opt, place, world, _input_size(cfg), checkpoint_minutes(cfg, data),
+    parts = RunParts(cfg, data, method, model, opt, place, world, _input_size(cfg), checkpoint_minutes(cfg),
                      rng)
     return Trainer(parts, rundir.path, resume=resume, overwrite=overwrite, callbacks=run_callbacks(rundir, cfg))
 
@@ -158,14 +158,14 @@ def _input_size(cfg: Config) -> int:
     return input_size(cfg.data)
 
 
-def checkpoint_minutes(cfg: Config, data) -> float:
-    """``train.checkpoint_minutes``, or the dataset's sensible interval: none for in-memory datasets (epochs
-    take seconds; every epoch is saved), 30 minutes for streamed ones (epochs take hours)."""
-    from teskd.data.memory_loader import InMemoryLoader
+def checkpoint_minutes(cfg: Config) -> float:
+    """``train.checkpoint_minutes``, or the dataset's own interval (its spec: none for in-memory data, whose
+    epochs take seconds; 30 minutes for data read from files, whose epochs take hours)."""
+    from teskd.data.registry import get_dataset_spec
 
     if cfg.train.checkpoint_minutes is not None:
         return cfg.train.checkpoint_minutes
-    return 0.0 if isinstance(data.train, InMemoryLoader) else 30.0
+    return get_dataset_spec(cfg.data.dataset).checkpoint_minutes
 
 
 def per_rank(data, world: int):
