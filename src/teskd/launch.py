@@ -34,7 +34,7 @@ def train_run(config=None, overrides: list[str] = (), out=None, resume: bool = F
     ``config`` too, a folder that has not started yet starts from it (a requeued job's idempotent command).
     ``overwrite``: replace ``out`` if it is a teskd run (never a folder holding anything else).
     """
-    from teskd.engine import distributed
+    from teskd.engine import distributed, runtime
     from teskd.log import log
 
     overrides = list(overrides)
@@ -44,6 +44,8 @@ def train_run(config=None, overrides: list[str] = (), out=None, resume: bool = F
     distributed.barrier()  # every rank has checked the folder before any rank writes to it
     log.info(f"run directory: {run.path}")
     trainer = assemble(cfg, run.path, resume=resume, overwrite=overwrite)
+    if runtime.keeps_nchw(trainer.method):
+        log.info(runtime.NCHW_NOTE)
     summary = trainer.run()
     log.info(f"done: {trainer.method.deploy_branch} top-1 last {summary['teacher_top1_last']:.2f}%, "
              f"best {summary['teacher_top1_best']:.2f}% (epoch {summary['best_epoch']}, "

@@ -172,17 +172,18 @@ def _crashes_cpu_channels_last(module: torch.nn.Module) -> bool:
 
 
 def _keep_nchw(method: torch.nn.Module) -> None:
-    import sys
-
-    from teskd.engine import distributed
-
     if not getattr(method, "_teskd_nchw", False):
         method.register_forward_pre_hook(_contiguous_input)  # the loops hand it channels_last images
-        method._teskd_nchw = True
-        if distributed.is_primary():  # stderr: --json output on stdout stays parseable
-            print("note: train.channels_last is not used for this network on the CPU (torch 2.14's channels_last "
-                  "kernels crash on its 1x1 strided convolutions with < 8 input channels); it runs in NCHW",
-                  file=sys.stderr)
+        method._teskd_nchw = True  # training says so in its log (keeps_nchw); eval and --json outputs stay as they are
+
+
+def keeps_nchw(method: torch.nn.Module) -> bool:
+    """Whether :func:`prepare_model` left ``method`` in NCHW although channels_last was asked for (see above)."""
+    return bool(getattr(method, "_teskd_nchw", False))
+
+
+NCHW_NOTE = ("note: train.channels_last is not used for this network on the CPU (torch 2.14's channels_last kernels "
+             "crash on its 1x1 strided convolutions with < 8 input channels); it trains in NCHW")
 
 
 def _contiguous_input(module, args):
