@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_curves)
 
     p = sub.add_parser("sweep", help="train a grid of runs (variants x grid x seeds) from a sweep YAML file")
-    p.add_argument("file", help="the sweep file (see README: Sweeps)")
+    p.add_argument("file", help="the sweep file (see docs/training.md#sweeps and docs/cluster.md)")
     p.add_argument("--only", metavar="PATTERN", help="only the runs whose name matches PATTERN (fnmatch: *, ?)")
     p.add_argument("--dry-run", action="store_true",
                    help="print each run's status and its teskd train command; run nothing")

@@ -50,7 +50,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # a registered name (README "Architectures"), tv:NAME (torchvision) or timm:NAME (pip install 'teskd[timm]')
+    # a registered name (docs/methods.md#architectures), tv:NAME (torchvision) or timm:NAME (pip install 'teskd[timm]')
     arch: str = "resnet18"
     width_mult: float = 1.0
     pretrained: str | None = None  # a local weights file for the backbone (.safetensors or .pth)
