@@ -25,7 +25,7 @@ from teskd.data import listing
 from teskd.data.decode import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, image_extent
 from teskd.data.imagefolder import find_image_classes, list_images
 from teskd.data.pipeline import build_data
-from teskd.deploy import preprocess
+from teskd.deploy import predict, preprocess
 from teskd.deploy.metadata import DeployInfo
 from teskd.deploy.predict import find_images
 from teskd.deploy.preprocess import read_image
@@ -275,7 +275,7 @@ def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path, capsys):
 
 def test_listed_suffixes_are_exactly_the_formats_the_decoder_reads(tmp_path):
     assert set(IMAGE_SUFFIXES) == set(FORMATS)  # a new suffix needs a format here, and the check below
-    assert preprocess.IMAGE_SUFFIXES is IMAGE_SUFFIXES  # predict's folder search takes the same ones
+    assert predict.IMAGE_SUFFIXES is IMAGE_SUFFIXES  # predict's folder search takes the same ones
     for suffix, size in zip(IMAGE_SUFFIXES, ((31, 17), (8, 40), (23, 23), (5, 9), (64, 3))):
         path = _image(tmp_path / f"x{suffix}", 200, size)
         extent = image_extent(path.read_bytes())

@@ -15,7 +15,8 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from teskd.config import DataConfig
-from teskd.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, decode_rgb, image_sizes, list_images
+from teskd.data.decode import decode_rgb
+from teskd.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, image_sizes, list_images
 from teskd.data.loader import Batch
 from teskd.data.pipeline import DataBundle, build_data
 from teskd.data.registry import get_dataset_spec

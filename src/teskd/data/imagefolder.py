@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from teskd.config import DataConfig, resolve_data_root
 from teskd.data.augment import normalize
 from teskd.data.center_crop import resize_center_crop
-from teskd.data.decode import IMAGE_SUFFIXES, SOURCE_LINE, BadImage, decode_rgb, read_rgb  # noqa: F401 (re-exported)
+from teskd.data.decode import IMAGE_SUFFIXES, BadImage, read_rgb
 from teskd.data.listing import class_folders, list_files
 from teskd.data.bundle import DataBundle
 from teskd.data.pipeline import select_splits
@@ -33,7 +33,6 @@ from teskd.data.registry import DatasetSpec, get_dataset_spec, register_dataset
 from teskd.data.torch_loader import BadSample, TorchLoader
 from teskd.errors import TeskdError, printable
 
-EXTENSIONS = IMAGE_SUFFIXES  # the former name
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _IMAGE_SIZE = 224  # and 256 (= 224 * 8 / 7) before the evaluation centre crop

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from teskd.deploy.preprocess import IMAGE_SUFFIXES, Preprocess, read_image
+from teskd.data.decode import IMAGE_SUFFIXES
+from teskd.deploy.preprocess import Preprocess, read_image
 from teskd.deploy.source import Deployed
 from teskd.errors import TeskdError, printable
 

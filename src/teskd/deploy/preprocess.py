@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from teskd.data.decode import IMAGE_SUFFIXES, read_rgb  # noqa: F401 (IMAGE_SUFFIXES: what predict picks from a folder)
+from teskd.data.decode import read_rgb
 from teskd.deploy.metadata import DeployInfo
 from teskd.errors import TeskdError
 

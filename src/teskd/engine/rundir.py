@@ -141,6 +141,9 @@ class RunDir:
                         fileio.remove(entry)
 
 
+# the refusal of a second writer; a sweep finds the holder after it in a refused run's log
+IN_USE = "is in use by another teskd process ("
+
 class RunLock:
     """An exclusive ``flock`` on ``RUN/.teskd.lock`` for the whole run.
 
@@ -167,7 +170,7 @@ class RunLock:
             holder = _read_holder(fd)
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise TeskdError(f"run directory {self.run.path} is in use by another teskd process ({holder}); "
+                raise TeskdError(f"run directory {self.run.path} {IN_USE}{holder}); "
                                  f"wait for it to finish or stop it first") from exc
             raise TeskdError(f"cannot lock the run directory {self.run.path}: {exc.strerror or exc}") from exc
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -7,9 +7,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from teskd.engine.rundir import LOCK, _read_holder
-
-IN_USE = "is in use by another teskd process ("  # RunLock's refusal, as a child process prints it
+from teskd.engine.rundir import IN_USE, LOCK, _read_holder
 
 
 def lock_holder(run_dir: Path) -> str | None:
