@@ -108,8 +108,7 @@ def export(target: Path | str, fmt: str, out: Path | str | None = None, which: s
         digest = fileio.file_digest(staged)
         fileio.replace(staged, out)
     finally:
-        staged.unlink(missing_ok=True)
-        staged.with_name(f".{staged.name}.tmp").unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)  # (a failed writer removes its own temporary file)
     if fileio.file_digest(out) != digest:  # the file that took the name is not the one verified
         raise TeskdError(f"{out} was replaced by another export while this one finished; it does not hold the "
                          f"network of {deployed.source}: run this export again")
