@@ -18,6 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from teskd.runfiles import read_summary
+
 NETWORKS = {  # label -> (CE runs, {config: runs}) as glob patterns in RESULTS_DIR
     "ResNet-18 (CIFAR, width 1/8)": ("ce-e15-s*", {
         "faithful": "teskd-e15-s*", "stage": "r18-teskd-stage-e15-s*", "stage-dw": "r18-teskd-stage-dw-e15-s*",
@@ -43,10 +45,9 @@ SAME_COST = {"deepest-tce1": "deepest"}  # a loss weight: the step costs what it
 def finished(results: Path, pattern: str) -> list[dict]:
     out = []
     for run in sorted(results.glob(pattern)):
-        summary = run / "summary.json"
-        if summary.is_file():
-            s = json.loads(summary.read_text())
-            if s.get("epochs") and s.get("teacher_top1_last") is not None:
+        if (run / "summary.json").is_file():
+            s = read_summary(run)  # a summary of either generation, under today's names (deployed_*)
+            if s.get("epochs") and s.get("deployed_top1_last") is not None:
                 out.append(s)
     return out
 
@@ -66,7 +67,7 @@ def main(argv: list[str]) -> None:
         if not ce:
             print(f"| {label} | CE | 0 | not run | | | | | |")
             continue
-        ce_mean, ce_std = mean_std([s["teacher_top1_last"] for s in ce])
+        ce_mean, ce_std = mean_std([s["deployed_top1_last"] for s in ce])
         print(f"| {label} | none (CE) | {len(ce)} | {ce_mean:.2f} ± {ce_std:.2f} | | | 1.00 "
               f"| {ce[0]['params_train']:,} | {ce[0]['macs_train'] / 1e6:.1f} |")
         faithful_delta = faithful_mean = None
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> None:
             if not runs:
                 print(f"| | {name}: {DESCRIBE[name]} | 0 | not run | | | {ratio} | | |")
                 continue
-            m, sd = mean_std([s["teacher_top1_last"] for s in runs])
+            m, sd = mean_std([s["deployed_top1_last"] for s in runs])
             delta = m - ce_mean
             if name == "faithful":
                 faithful_delta, faithful_mean = delta, m

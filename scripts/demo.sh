@@ -108,7 +108,7 @@ echo "CE vs TESKD, CIFAR-100, reduced scale (${common[*]}); $seconds s of traini
 run teskd report "$out/ce" "$out/teskd" --plot "$out/curves.png"
 echo
 echo "The network you would deploy: the TESKD run's exported teacher (students dropped), on the whole test split:"
-run teskd eval "$out/teskd/teacher.safetensors" "data.root=$data_root" "${extra[@]}"
+run teskd eval "$out/teskd/deployed.safetensors" "data.root=$data_root" "${extra[@]}"
 echo
 echo "What these numbers mean: a ${width}-width ResNet-18 trained for $epochs epochs on $per_class images" \
      "per class is far from the paper's protocol (full width, all 500 images per class, 200 epochs), so they" \

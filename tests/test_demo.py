@@ -86,7 +86,7 @@ def check_demo_output(proc, tmp_path: Path) -> str:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     demo = tmp_path / "runs" / "demo"
     for method in ("ce", "teskd"):
-        for name in ("summary.json", "teacher.safetensors", "metrics.jsonl"):
+        for name in ("summary.json", "deployed.safetensors", "metrics.jsonl"):
             assert (demo / method / name).is_file(), f"{method}/{name}"
     assert not (tmp_path / "runs" / "demo.partial").exists()
     # the report table and the plot with the comparable curves
@@ -96,7 +96,7 @@ def check_demo_output(proc, tmp_path: Path) -> str:
     assert (demo / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the exported teacher, evaluated like a user's deployed model: on the whole test split
     data = (tmp_path / "fallback" / "cifar100").resolve()
-    assert f"deployed network {demo / 'teskd' / 'teacher.safetensors'} (safetensors export, resnet18, width_mult 0.0625, 100 classes)" in out
+    assert f"deployed network {demo / 'teskd' / 'deployed.safetensors'} (safetensors export, resnet18, width_mult 0.0625, 100 classes)" in out
     assert (f"evaluated on cifar100: the full test split, {100 * TEST_PER_CLASS} images (all test images), "
             f"read from {data}") in out
     assert "What these numbers mean: a 0.0625-width ResNet-18 trained for 1 epochs on 2 images per class" in out
@@ -145,7 +145,7 @@ def test_dry_run_prefers_the_offline_copy(tmp_path, archive):
         assert f"data.root={shared} " in line and "data.download=false" in line and "--overwrite" in line
         assert f"--out {tmp_path / 'runs' / 'demo.partial'}/" in line  # never the previous demo's folder
         assert "data.test_subset_per_class=1" in line and "train.threads=1" in line
-    assert any(line.startswith(f"teskd eval {tmp_path / 'runs' / 'demo'}/teskd/teacher.safetensors") for line in lines)
+    assert any(line.startswith(f"teskd eval {tmp_path / 'runs' / 'demo'}/teskd/deployed.safetensors") for line in lines)
     assert not (tmp_path / "runs").exists()  # a dry run trains and moves nothing
 
 

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from teskd.config import load_config
 from teskd.build import build_model
-from teskd.deploy.safetensors_format import export_teacher
+from teskd.deploy.safetensors_format import export_deployed
 from teskd.models import build_backbone, list_backbones
 
 PAPER_ARCHS = {"resnet18", "resnet34", "resnet50", "seresnet18", "seresnet34", "seresnet50",
@@ -30,7 +30,7 @@ def test_exported_teacher_matches_the_trained_teacher_branch(arch, tmp_path):
         method.forward_train(x, y).loss.backward()
         opt.step()
     path = tmp_path / "teacher.safetensors"
-    export_teacher(method, path, cfg, 100)
+    export_deployed(method, path, cfg, 100)
 
     plain = build_backbone(arch, 100, 0.125)  # no student code involved
     plain.load_state_dict(load_file(str(path)))  # strict

@@ -12,7 +12,7 @@ from teskd.config import from_dict
 from teskd.engine.checkpoint import load_checkpoint
 from teskd.build import build_model
 from teskd.errors import TeskdError
-from teskd.evaluation import load_teacher
+from teskd.evaluation import load_deployed_file
 
 from conftest import REPO
 
@@ -101,20 +101,20 @@ def test_full_with_the_val_split_is_refused(capsys, run):
 
 
 def test_deployed_teacher_matches_the_run(capsys, run, data_root):
-    teacher = run / "teacher.safetensors"
+    teacher = run / "deployed.safetensors"
     for extra in ([], ["--full"]):
         from_run = eval_json(capsys, str(run), *extra)
         deployed = eval_json(capsys, str(teacher), f"data.root={data_root}", "data.test_subset_per_class=1", *extra)
-        assert deployed["kind"] == "teacher" and deployed["arch"] == "resnet18"
+        assert deployed["kind"] == "deployed" and deployed["arch"] == "resnet18"
         assert deployed["width_mult"] == 0.125 and deployed["num_classes"] == 100
         assert deployed["trained_on"] == "cifar100" and deployed["dataset"] == "cifar100"
-        assert list(deployed["accuracy"]) == ["teacher"]  # the bare backbone has no students
+        assert list(deployed["accuracy"]) == ["deployed"]  # the bare backbone has no students
         for key in ("images", "split_images", "full_split", "selection", "data_root"):
             assert deployed[key] == from_run[key], key
-        assert deployed["accuracy"]["teacher"] == from_run["accuracy"]["teacher"]
+        assert deployed["accuracy"]["deployed"] == from_run["accuracy"]["teacher"]  # TESKD deploys its teacher
 
     # stronger than equal accuracies: the deployed backbone computes the run's teacher logits exactly
-    backbone, meta = load_teacher(teacher)
+    backbone, meta = load_deployed_file(teacher)
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     method = build_model(from_dict(state["config"]), 100)
     method.load_state_dict(state["model"])
@@ -127,13 +127,13 @@ def test_deployed_teacher_matches_the_run(capsys, run, data_root):
 
 
 def test_deployed_teacher_text_output(capsys, run, data_root):
-    code, out, err = eval_text(capsys, str(run / "teacher.safetensors"), f"data.root={data_root}")
+    code, out, err = eval_text(capsys, str(run / "deployed.safetensors"), f"data.root={data_root}")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == f"deployed network {run / 'teacher.safetensors'} (safetensors export, resnet18, width_mult 0.125, 100 classes)"
+    assert lines[0] == f"deployed network {run / 'deployed.safetensors'} (safetensors export, resnet18, width_mult 0.125, 100 classes)"
     assert lines[1] == (f"evaluated on cifar100: the full test split, 300 images (all test images), "
                         f"read from {data_root.resolve()}")
-    assert [line.split()[0] for line in lines[4:]] == ["teacher"]
+    assert [line.split()[0] for line in lines[4:]] == ["deployed"]
 
 
 def _one_line_error(capsys, *argv) -> str:
@@ -144,7 +144,7 @@ def _one_line_error(capsys, *argv) -> str:
 
 
 def test_mismatched_teacher_weights_name_the_keys(capsys, run, data_root, tmp_path):
-    weights = load_file(str(run / "teacher.safetensors"))
+    weights = load_file(str(run / "deployed.safetensors"))
     missing = sorted(weights)[0]
     del weights[missing]
     weights["fc.weight"] = torch.zeros(10, weights["fc.weight"].shape[1])
@@ -164,13 +164,13 @@ def test_teacher_file_errors(capsys, run, data_root, tmp_path):
     assert f"cannot read {junk}: not a valid safetensors file" in _one_line_error(capsys, str(junk))
 
     bare = tmp_path / "bare.safetensors"
-    save_file(load_file(str(run / "teacher.safetensors")), str(bare))  # weights without teskd's metadata
+    save_file(load_file(str(run / "deployed.safetensors")), str(bare))  # weights without teskd's metadata
     assert "lacks the metadata arch, num_classes, width_mult" in _one_line_error(capsys, str(bare))
 
     err = _one_line_error(capsys, str(tmp_path / "absent.safetensors"))
     assert f"no such export file: {tmp_path / 'absent.safetensors'}" in err
 
-    teacher = str(run / "teacher.safetensors")
+    teacher = str(run / "deployed.safetensors")
     err = _one_line_error(capsys, teacher, f"data.root={data_root}", "data.dataset=cifar10")
     assert "has a 100-class head, but cifar10 has 10 classes" in err
     assert "test split only" in _one_line_error(capsys, teacher, "--split", "val")
@@ -179,9 +179,9 @@ def test_teacher_file_errors(capsys, run, data_root, tmp_path):
 def test_run_without_checkpoints_points_at_its_teacher(capsys, tmp_path):
     folder = tmp_path / "shipped"
     folder.mkdir()
-    (folder / "teacher.safetensors").write_bytes(b"")
+    (folder / "deployed.safetensors").write_bytes(b"")
     err = _one_line_error(capsys, str(folder))
-    assert f"its deployed weights alone: {folder / 'teacher.safetensors'}" in err
+    assert f"its deployed weights alone: {folder / 'deployed.safetensors'}" in err
 
 
 def test_validation_split_is_described(data_root):
@@ -200,6 +200,6 @@ def test_validation_split_is_described(data_root):
 def test_deployed_teacher_reads_the_default_data_folder(capsys, run, data_root, monkeypatch):
     # no data.root: ${TESKD_DATA}/<dataset from the file's metadata>
     monkeypatch.setenv("TESKD_DATA", str(data_root.parent))
-    result = eval_json(capsys, str(run / "teacher.safetensors"), "data.test_subset_per_class=2")
+    result = eval_json(capsys, str(run / "deployed.safetensors"), "data.test_subset_per_class=2")
     assert result["data_root"] == str(data_root.resolve()) and result["images"] == 200
     assert result["selection"] == "first 2 test images of each class" and result["full_split"] is False

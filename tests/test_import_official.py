@@ -103,7 +103,7 @@ def test_run_directory_output_exports_the_teacher_and_evaluates(official_file, t
     path, state = official_file
     run = tmp_path / "run"
     assert main(["import-official", str(path), "--arch", "resnet18", "--out", str(run)]) == 0
-    teacher = load_file(str(run / "teacher.safetensors"))
+    teacher = load_file(str(run / "deployed.safetensors"))
     backbone_keys = {k for k in state if map_official_key(k).startswith("backbone.")}
     assert set(teacher) == backbone_keys
     for key in backbone_keys:
@@ -206,7 +206,7 @@ def test_empty_state_dict_file(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: cannot read {path}: the file is empty\n"
 
 
-@pytest.mark.parametrize("name", ["model.pt", "teacher.safetensors", "weights.bin", "run"])
+@pytest.mark.parametrize("name", ["model.pt", "deployed.safetensors", "weights.bin", "run"])
 def test_existing_out_file_is_refused_not_overwritten(tmp_path, capsys, name):
     junk = tmp_path / "junk.pth"  # refused before the state dict is even read
     junk.write_bytes(b"junk")

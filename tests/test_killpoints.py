@@ -40,7 +40,7 @@ def test_every_operation_of_the_save_path_is_covered(report):
         assert kinds[kind] >= 1, kind
     names = {name for _, name in report["fresh_ops"]}
     for name in ("last.pt", "last.prev.pt", "last.prev.pt.sha256", "last.pt.sha256", "best.pt", "best.pt.sha256",
-                 "metrics.jsonl", "config.yaml", "summary.json", "teacher.safetensors"):
+                 "metrics.jsonl", "config.yaml", "summary.json", "deployed.safetensors"):
         assert name in names, name
     assert len(report["fresh"]) == len(report["fresh_ops"])  # every kill point, not a sample
     assert len(report["resume"]) == len(report["resume_ops"]) and report["resume_ops"]

@@ -71,6 +71,6 @@ def test_ce_method_is_the_plain_backbone():
     x, y = batch()
     out = method.forward_train(x, y)
     assert out.loss.item() == pytest.approx(F.cross_entropy(method.backbone(x), y).item(), rel=1e-6)
-    assert list(out.logits) == ["teacher"]
+    assert list(out.logits) == ["deployed"]
     assert method.deploy_module is method.backbone
     assert sum(p.numel() for p in method.parameters()) == sum(p.numel() for p in method.backbone.parameters())

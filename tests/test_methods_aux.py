@@ -13,7 +13,7 @@ from teskd.config import load_config
 from teskd.errors import TeskdError
 from teskd.methods import METHODS, build_method
 from teskd.methods.byot import byot_loss
-from teskd.methods.cskd import cskd_kl
+from teskd.losses import soft_kl
 from teskd.methods.dks import dks_loss
 from teskd.models import build_backbone
 
@@ -89,7 +89,7 @@ def test_byot_targets_are_detached():
 
 def test_dks_loss_by_hand():
     eps = 1e-3  # large enough to matter at float32
-    branches = {"teacher": Z, "exit2": E1, "exit3": E2}
+    branches = {"deployed": Z, "exit2": E1, "exit3": E2}
 
     def smooth(rows):
         return [[(p + eps) / (1 + 3 * eps) for p in softmax(r)] for r in rows]
@@ -105,7 +105,7 @@ def test_dks_loss_by_hand():
 def test_dks_synergy_gradient_by_hand():
     """With eps = 0: d kd / d z_i = sum_{j != i} (p_i - p_j) / B (each branch pulled toward the others, which
     are detached as targets)."""
-    branches = {"teacher": Z, "exit2": E1, "exit3": E2}
+    branches = {"deployed": Z, "exit2": E1, "exit3": E2}
     logits = {k: tensor(v, True) for k, v in branches.items()}
     dks_loss(logits, torch.tensor(Y), eps=0.0)["kd"].backward()
     for i in branches:
@@ -119,7 +119,7 @@ def test_cskd_kl_by_hand():
     t = 4.0
     expected = t * t * kl([softmax(r, t) for r in E1], [softmax(r, t) for r in Z])  # sum KL / B, B = 2
     z, partner = tensor(Z, True), tensor(E1, True)
-    value = cskd_kl(z, partner, t)
+    value = soft_kl(z, partner, t)
     assert value.item() == pytest.approx(expected, rel=1e-6)
     value.backward()
     assert partner.grad is None or partner.grad.abs().max() == 0
@@ -132,6 +132,7 @@ def test_cskd_kl_by_hand():
 # the methods on several backbones
 
 EXITS = {"byot": {"exit1", "exit2", "exit3"}, "dks": {"exit2", "exit3"}, "cskd": set()}
+HEAD = {"byot": "teacher", "dks": "deployed", "cskd": "deployed"}  # each method's deploy_branch
 ARCHS = [("resnet18", 32), ("vgg16", 32), ("resnet18_imagenet", 64)]
 
 
@@ -158,9 +159,9 @@ def test_builds_trains_and_routes_gradients(name, params, arch, size):
     x, y = paired_batch(size)  # a same-class paired batch suits every method
     out = method(x, y)
     rows = 3 if name == "cskd" else 6
-    expected = {"teacher"} | EXITS[name]
+    expected = {HEAD[name]} | EXITS[name]
     if params.get("exit_stages"):
-        expected = {"teacher", "exit1", "exit2", "exit3"}
+        expected = {HEAD[name], "exit1", "exit2", "exit3"}
     assert set(out.logits) == expected
     assert all(z.shape == (rows, 100) for z in out.logits.values())
     assert sum(out.parts.values()).item() == pytest.approx(out.loss.item(), rel=1e-5)
@@ -176,7 +177,7 @@ def test_builds_trains_and_routes_gradients(name, params, arch, size):
     assert all(p.grad is not None for p in method.parameters()), "a parameter outside the graph"
 
     # each exit reads its own stage: its logits' gradient reaches stage k and nothing deeper
-    for name_k in expected - {"teacher"}:
+    for name_k in expected - {HEAD[name]}:
         k = int(name_k[-1])
         method.zero_grad(set_to_none=True)
         method(x, y).logits[name_k].sum().backward()
@@ -192,8 +193,8 @@ def test_deploys_the_plain_backbone(name):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         scores = method(x)
-        assert set(scores) == {"teacher"} | EXITS[name]
-        assert torch.equal(scores["teacher"], method.deploy_module(x))
+        assert method.deploy_branch == HEAD[name] and set(scores) == {HEAD[name]} | EXITS[name]
+        assert torch.equal(scores[HEAD[name]], method.deploy_module(x))
 
 
 def test_cskd_unit_paired_batch():
@@ -206,7 +207,7 @@ def test_cskd_unit_paired_batch():
     hook.remove()
     # two backbone calls: the batch with gradients, its partners without
     assert len(seen) == 2 and seen[0].requires_grad and not seen[1].requires_grad
-    assert torch.equal(out.labels, y[:4]) and out.logits["teacher"].shape == (4, 100)
+    assert torch.equal(out.labels, y[:4]) and out.logits["deployed"].shape == (4, 100)
     # separate train-mode forwards (each half with its own BN batch statistics)
     z, partner = reference(x[:4]), reference(x[4:])
     t = 4.0
@@ -262,10 +263,10 @@ def test_trains_on_real_cifar100(name, parts, tmp_path, cifar100_root):
             "data.eval_batch_size=100", "train.progress=false", "train.threads=1", "train.epochs=1"]
     assert main(["train", config, *args, "--out", str(out)]) == 0
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert set(record["test_acc"]) == {"teacher"} | EXITS[name]
+    assert set(record["test_acc"]) == {HEAD[name]} | EXITS[name]
     assert {f"loss_{p}" for p in parts} <= set(record)
     assert not any(k.startswith("loss_") and k[5:] not in parts for k in record)
     assert sum(record[f"loss_{p}"] for p in parts) == pytest.approx(record["train_loss"], rel=1e-5)
     assert math.isfinite(record["train_loss"])
-    assert set(record["train_acc"]) == {"teacher"} | EXITS[name]
+    assert set(record["train_acc"]) == {HEAD[name]} | EXITS[name]
     assert all(0 <= v <= 100 for v in [*record["train_acc"].values(), *record["test_acc"].values()])

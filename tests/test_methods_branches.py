@@ -13,7 +13,8 @@ from teskd.config import load_config
 from teskd.errors import TeskdError
 from teskd.methods import METHODS
 from teskd.losses import sigmoid_ramp
-from teskd.methods.frskd import attention_map, attention_transfer, soft_kl
+from teskd.losses import soft_kl
+from teskd.methods.frskd import attention_map, attention_transfer
 from teskd.methods.okddip import okddip_loss, peer_targets
 from teskd.methods._auxiliary import pooled
 from teskd.methods.one import gated_ensemble, one_loss, run_branch, shared_trunk
@@ -25,11 +26,12 @@ torch.set_num_threads(1)
 
 METHOD_NAMES = ("one", "okddip", "frskd")
 BRANCHES = {
-    "one": {"teacher", "branch2", "branch3", "ensemble"},
-    "okddip": {"teacher", "peer1", "peer2", "peer3", "peers_ensemble"},
-    "frskd": {"teacher", "self_teacher"},
+    "one": {"branch1", "branch2", "branch3", "ensemble"},
+    "okddip": {"leader", "peer1", "peer2", "peer3", "peers_ensemble"},
+    "frskd": {"classifier", "self_teacher"},
 }
-TRAIN_BRANCHES = {**BRANCHES, "okddip": {"teacher", "peer1", "peer2", "peer3"}}
+TRAIN_BRANCHES = {**BRANCHES, "okddip": {"leader", "peer1", "peer2", "peer3"}}
+DEPLOYED = {"one": "branch1", "okddip": "leader", "frskd": "classifier"}  # each method's deploy_branch
 PARTS = {"one": {"ce", "kd"}, "okddip": {"ce", "kd"}, "frskd": {"ce", "kd", "feat"}}
 
 
@@ -169,7 +171,7 @@ def test_one_forward_is_the_hand_formula():
     assert out.parts["kd"].item() == pytest.approx(kd, rel=1e-3)
     assert out.loss.item() == pytest.approx(ce + kd, rel=1e-4)
     assert np.allclose(np_(out.logits["ensemble"]), ens, atol=1e-4)
-    assert np.allclose(np_(out.logits["teacher"]), zs[0], atol=1e-5)
+    assert np.allclose(np_(out.logits["branch1"]), zs[0], atol=1e-5)
 
 
 # --- OKDDip --------------------------------------------------------------------------------------------
@@ -354,7 +356,8 @@ def test_builds_trains_and_deploys(name, arch, size):
         scores = method(x)
         assert set(scores) == BRANCHES[name]
         assert all(v.shape == (4, 10) for v in scores.values())
-        assert torch.allclose(scores["teacher"], method.backbone(x), atol=1e-5)
+        assert method.deploy_branch == DEPLOYED[name]
+        assert torch.allclose(scores[DEPLOYED[name]], method.backbone(x), atol=1e-5)
     # the copies of stage 4 and the head start from other weights than the backbone's
     if name != "frskd":
         stages = method.branch_stages if name == "one" else method.peer_stages
@@ -402,4 +405,4 @@ def test_trains_on_cifar100(name, tmp_path, cifar100_root):
     assert summary["params_deploy"] < summary["params_train"]
     from safetensors.torch import load_file
 
-    build_backbone("resnet18", 100, 0.125).load_state_dict(load_file(str(out / "teacher.safetensors")))
+    build_backbone("resnet18", 100, 0.125).load_state_dict(load_file(str(out / "deployed.safetensors")))

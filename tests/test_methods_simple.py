@@ -88,7 +88,7 @@ def test_label_smoothing_loss_by_hand():
     out = m(X, Y)
     targets = [[0.9 * o + 0.1 / 3 for o in onehot(y)] for y in LABELS]
     assert float(out.loss.detach()) == pytest.approx(soft_ce(Z1, targets), rel=1e-6)
-    assert set(out.parts) == {"ce"} and set(out.logits) == {"teacher"}
+    assert set(out.parts) == {"ce"} and set(out.logits) == {"deployed"}
     # smoothing=0 is plain cross-entropy
     plain = method("label_smoothing", Fixed(Z1), label_smoothing=0.0)(X, Y)
     assert float(plain.loss.detach()) == pytest.approx(soft_ce(Z1, [onehot(y) for y in LABELS]), rel=1e-6)
@@ -100,7 +100,7 @@ def test_label_smoothing_rejects_bad_values():
 
 
 def _tiny_teacher_file(path, num_classes=3):
-    """A teskd-style teacher.safetensors of a tiny resnet18 (metadata arch/num_classes/width_mult)."""
+    """A teskd-style deployed.safetensors of a tiny resnet18 (metadata arch/num_classes/width_mult)."""
     from safetensors.torch import save_file
 
     net = build_backbone("resnet18", num_classes, 0.125)
@@ -120,7 +120,7 @@ def test_kd_loss_by_hand(tmp_path):
     assert float(out.parts["ce"]) == pytest.approx(0.1 * ce, rel=1e-6)
     assert float(out.parts["kd"]) == pytest.approx(0.9 * kd, rel=1e-6)
     assert float(out.loss.detach()) == pytest.approx(0.1 * ce + 0.9 * kd, rel=1e-6)
-    assert set(out.logits) == {"teacher", "kd_teacher"}
+    assert set(out.logits) == {"student", "teacher"}  # the deployed student, the frozen teacher
     # the teacher is a constant target: its table gets no gradient
     out.loss.backward()
     assert m.kd_teacher.z.grad is None and m.backbone.z.grad is not None
@@ -135,7 +135,7 @@ def test_dml_loss_and_gradients_by_hand():
     assert float(out.parts["ce"]) == pytest.approx(ce, rel=1e-6)
     assert float(out.parts["kl"]) == pytest.approx(kls, rel=1e-6)
     assert float(out.loss.detach()) == pytest.approx(ce + kls, rel=1e-6)
-    assert set(out.logits) == {"teacher", "peer2"}
+    assert set(out.logits) == {"peer1", "peer2"}
     out.loss.backward()
     # each peer's gradient is its own: d/dz_k [CE(z_k) + KL(sg p_other || p_k)] = (2 p_k - y - p_other) / B
     for zk, zo, grad in ((Z1, Z2, m.backbone.z.grad), (Z2, Z1, m.peer2.z.grad)):
@@ -214,7 +214,7 @@ def test_label_smoothing_trains(tmp_path, cifar100_root):
     out = tmp_path / "ls"
     assert main(["train", CONFIG, *tiny(cifar100_root, "train.epochs=1", "method.name=label_smoothing"),
                  "--out", str(out)]) == 0
-    check_run(out, {"teacher"}, ["ce"])
+    check_run(out, {"deployed"}, ["ce"])
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +246,7 @@ def test_kd_trains_with_a_frozen_teacher(ce_run, tmp_path, cifar100_root):
     trainer = hooked_trainer(CONFIG, args, out, hook)
     trainer.run()
     assert seen["calls"] == 8  # 400 images / 50
-    summary = check_run(out, {"teacher", "kd_teacher"}, ["ce", "kd"])
+    summary = check_run(out, {"student", "teacher"}, ["ce", "kd"])
     assert summary["params_train"] == summary["params_deploy"]  # the teacher is not trained
     # the teacher's weights (BN statistics included) are exactly the CE run's best checkpoint's
     src = torch.load(ce_run / "checkpoints" / "best.pt", weights_only=True)["model"]
@@ -258,10 +258,10 @@ def test_kd_trains_with_a_frozen_teacher(ce_run, tmp_path, cifar100_root):
     # the deployed network is the student alone
     from safetensors.torch import load_file
 
-    exported = load_file(str(out / "teacher.safetensors"))
+    exported = load_file(str(out / "deployed.safetensors"))
     assert set(exported) == {k[len("backbone."):] for k in got if k.startswith("backbone.")}
-    # the kd_teacher accuracy is that of the CE run (same network, same test images)
-    assert records(out)[0]["test_acc"]["kd_teacher"] == pytest.approx(records(ce_run)[0]["test_acc"]["teacher"])
+    # the teacher's accuracy is that of the CE run's deployed network (same network, same test images)
+    assert records(out)[0]["test_acc"]["teacher"] == pytest.approx(records(ce_run)[0]["test_acc"]["deployed"])
 
 
 def _kd_teacher_state(teacher, *extra):
@@ -274,8 +274,8 @@ def _kd_teacher_state(teacher, *extra):
 def test_kd_teacher_sources_agree(ce_run):
     from safetensors.torch import load_file
 
-    exported = load_file(str(ce_run / "teacher.safetensors"))
-    for source in (ce_run, ce_run / "checkpoints" / "best.pt", ce_run / "teacher.safetensors"):
+    exported = load_file(str(ce_run / "deployed.safetensors"))
+    for source in (ce_run, ce_run / "checkpoints" / "best.pt", ce_run / "deployed.safetensors"):
         state = _kd_teacher_state(source)
         assert set(state) == set(exported)
         for key, value in exported.items():
@@ -316,7 +316,7 @@ def test_dml_peers_start_different_and_train(tmp_path, cifar100_root):
     out = tmp_path / "dml"
     assert main(["train", CONFIG, *tiny(cifar100_root, "train.epochs=1", "method.name=dml"),
                  "--out", str(out)]) == 0
-    summary = check_run(out, {"teacher", "peer2"}, ["ce", "kl"])
+    summary = check_run(out, {"peer1", "peer2"}, ["ce", "kl"])
     assert summary["params_train"] == 2 * summary["params_deploy"]
 
 
@@ -324,7 +324,7 @@ def test_dml_peer_of_another_architecture(tmp_path, cifar100_root):
     out = tmp_path / "dml_vgg"
     assert main(["train", CONFIG, *tiny(cifar100_root, "train.epochs=1", "method.name=dml", "method.peer_arch=vgg16",
                                        "method.peer_width_mult=0.125"), "--out", str(out)]) == 0
-    summary = check_run(out, {"teacher", "peer2"}, ["ce", "kl"])
+    summary = check_run(out, {"peer1", "peer2"}, ["ce", "kl"])
     vgg = sum(p.numel() for p in build_backbone("vgg16", 100, 0.125).parameters())
     assert summary["params_train"] == summary["params_deploy"] + vgg
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
@@ -341,7 +341,7 @@ def test_pskd_resume_matches_a_straight_run(tmp_path, cifar100_root):
     args = tiny(cifar100_root, "method.name=pskd")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["train", CONFIG, *args, "train.epochs=2", "--out", str(straight)]) == 0
-    check_run(straight, {"teacher"}, ["ce"], epochs=2)
+    check_run(straight, {"deployed"}, ["ce"], epochs=2)
     assert main(["train", CONFIG, *args, "train.epochs=1", "--out", str(resumed)]) == 0
     after_one = _table(resumed)
     assert after_one.shape == (400, 100)

@@ -43,7 +43,7 @@ def test_training_stops_when_its_evaluation_is_not_finite(tmp_path, cifar100_roo
     trainer.method.backbone.bn1.register_forward_pre_hook(diverged)
     with pytest.raises(TeskdError) as err:
         trainer.run()
-    assert str(err.value) == (f"after epoch 1: the evaluation gave non-finite (NaN or infinite) logits (teacher: "
+    assert str(err.value) == (f"after epoch 1: the evaluation gave non-finite (NaN or infinite) logits (deployed: "
                               f"100 of 100 images): the network has diverged (e.g. BatchNorm running statistics "
                               f"blown up), so its accuracy is meaningless; stopped, the last good checkpoint is "
                               f"{run / 'checkpoints' / 'last.pt'}")

@@ -96,3 +96,74 @@ def test_an_old_run_exports_and_the_export_predicts_like_the_run(old, tmp_path, 
     assert main(["predict", str(out), str(image), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)["results"][0]
     assert result["file"] == str(image) and result["top"][0]["class"] in ("cat", "dog", "owl")
+
+
+def test_an_old_ce_run_resumed_with_new_code_reads_both_generations_of_records(old, capsys):
+    """Epochs 1-2 were logged as ``teacher``, epoch 3 as CE's ``deployed``: the summary, the report and the
+    curves read the deployed network's numbers from both, record by record."""
+    from teskd.curves import draw_curves
+    from teskd.engine.rundir import RunDir
+
+    run = old / "ce"
+    assert main(["train", "--resume", str(run), root(old), "train.epochs=3", *TRAIN_ARGS]) == 0
+    recs = records(run)
+    assert [set(r["test_acc"]) for r in recs] == [{"teacher"}, {"teacher"}, {"deployed"}]
+    values = [r["test_acc"]["teacher"] for r in recs[:2]] + [recs[2]["test_acc"]["deployed"]]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["deployed_branch"] == "deployed" and not any(k.startswith("teacher_") for k in summary)
+    assert summary["deployed_top1_last"] == values[2] and summary["deployed_top1_max_test"] == max(values)
+    assert summary["deployed_top1_best"] == values[summary["best_epoch"] - 1]
+    # the new export beside the old one; the run's lookup prefers the new
+    assert RunDir(run).deployed_file() == run / "deployed.safetensors" and (run / "teacher.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["report", str(run), "--format", "json"]) == 0
+    (group,) = json.loads(capsys.readouterr().out)
+    assert group["runs"][0]["top1_last"] == values[2]
+    assert group["train_top1_last_mean"] == recs[2]["train_acc"]["deployed"]
+    fig = draw_curves(recs, "old ce", "deployed")
+    deployed = [line for line in fig.axes[0].get_lines() if line.get_label() == "deployed (deployed)"]
+    assert len(deployed) == 1 and list(deployed[0].get_ydata()) == values  # one curve over both generations
+
+
+def test_an_old_run_folder_with_only_its_teacher_safetensors_is_found(old, capsys):
+    """The export of a run written before the rename is teacher.safetensors: the run's lookup finds it, and an
+    eval of the folder without checkpoints points at it."""
+    from teskd.engine.rundir import RunDir
+
+    run = old / "ce"
+    assert RunDir(run).deployed_file() == run / "teacher.safetensors"
+    shutil.rmtree(run / "checkpoints")
+    assert main(["eval", str(run), root(old)]) == 2
+    assert f"its deployed weights alone: {run / 'teacher.safetensors'}" in capsys.readouterr().err
+    model, _, classes = teskd.load(run / "teacher.safetensors")
+    assert classes == ["cat", "dog", "owl"]
+
+
+@pytest.mark.parametrize("record, branch, key", [
+    ({"test_acc": {"teacher": 1.0, "kd_teacher": 2.0}}, "student", "teacher"),  # old KD: teacher is the student
+    ({"test_acc": {"student": 1.0, "teacher": 2.0}}, "student", "student"),  # new KD
+    ({"test_acc": {"teacher": 1.0, "peer2": 2.0}}, "peer1", "teacher"),  # old DML
+    ({"train_loss": 1.0, "train_acc": {"deployed": 3.0}}, "deployed", "deployed"),  # not evaluated (eval_every)
+    ({"test_acc": {"teacher": 1.0}}, None, "teacher"),  # an unloaded plug-in's old run
+    ({"test_acc": {"teacher": 1.0, "student1": 0.5}}, "teacher", "teacher"),  # TESKD: the same in both
+])
+def test_the_deployed_branch_of_a_record(record, branch, key):
+    from teskd.runfiles import deployed_key, with_deployed_branch
+
+    assert deployed_key(record, branch) == key
+    renamed = with_deployed_branch(record, branch)
+    if branch is not None:
+        assert deployed_key(renamed, branch) == branch
+        assert {k: sorted(v) for k, v in renamed.items() if isinstance(v, dict)} == {
+            k: sorted(branch if b == key else b for b in v) for k, v in record.items() if isinstance(v, dict)}
+
+
+def test_an_old_summary_is_read_under_the_new_names(old):
+    from teskd.runfiles import read_summary, run_deploy_branch
+
+    summary = read_summary(old / "teskd")
+    old_summary = json.loads((old / "teskd" / "summary.json").read_text())
+    assert summary["deployed_top1_last"] == old_summary["teacher_top1_last"]
+    assert not any(k.startswith("teacher_") for k in summary)
+    assert run_deploy_branch(summary, "teskd") == "teacher" and run_deploy_branch(summary, "ce") == "deployed"
+    assert run_deploy_branch({"deployed_branch": "main"}, "ce") == "main"  # the summary's word wins

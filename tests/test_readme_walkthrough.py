@@ -96,8 +96,8 @@ def test_the_readme_walkthrough_runs_in_a_fresh_clone(tmp_path):
 
 def check_outputs(clone: Path, data: Path, outputs: list[str]) -> None:
     _, train_teskd, train_ce, report, evaluate, export, _, predict = outputs
-    assert "deployable weights: runs/first-teskd/teacher.safetensors" in train_teskd
-    assert "deployable weights: runs/first-ce/teacher.safetensors" in train_ce
+    assert "deployable weights: runs/first-teskd/deployed.safetensors" in train_teskd
+    assert "deployable weights: runs/first-ce/deployed.safetensors" in train_ce
     rows = {line.split()[0]: line.split() for line in report.splitlines() if line.startswith("first-")}
     assert rows["first-ce"][1:3] == ["ce", "1"] and rows["first-teskd"][1:3] == ["teskd", "1"]
     assert (f"evaluated on cifar100: the full test split, {100 * TEST_PER_CLASS} images (all test images), "

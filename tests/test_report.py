@@ -7,21 +7,23 @@ import yaml
 
 from teskd.cli import main
 from teskd.errors import TeskdError
-from teskd.report import LOSS_NOTE, curve_panels, draw_panels, plot_path
+from teskd.report import LOSS_NOTE, draw_report, format_report, group_runs, plot_path, read_run
 
 BRANCHES = ("student1", "student2", "student3", "students_ensemble")
+DEPLOYED = {"ce": "deployed", "teskd": "teacher"}  # each method's deploy_branch
 
 
 def records_for(method, accs):
-    """metrics.jsonl records as training writes them; TESKD runs have students, CE runs only the teacher."""
-    records = []
+    """metrics.jsonl records as training writes them; TESKD runs have students, CE runs only the deployed
+    network (each under its method's deploy_branch)."""
+    records, name = [], DEPLOYED[method]
     for i, a in enumerate(accs):
-        test = {"teacher": a}
+        test = {name: a}
         if method == "teskd":
             test.update({b: a - 2 - j for j, b in enumerate(BRANCHES)})
         records.append({"epoch": i + 1, "train_loss": 4.0123 - i, "loss_ce": 0.8123 - i / 10,
-                        "train_acc": {"teacher": 5.0 + 10 * i}, "test_acc": test,
-                        "val_acc": {"teacher": a - 1}, "epoch_seconds": 10.0, "train_images_per_sec": 100.0 + i})
+                        "train_acc": {name: 5.0 + 10 * i}, "test_acc": test,
+                        "val_acc": {name: a - 1}, "epoch_seconds": 10.0, "train_images_per_sec": 100.0 + i})
     return records
 
 
@@ -32,8 +34,8 @@ def fake_run(path, method, accs, params=(100, 50), finished=True, planned=None):
     (path / "config.yaml").write_text(yaml.safe_dump({"method": {"name": method},
                                                       "train": {"epochs": planned or len(accs)}}))
     if finished:
-        summary = {"method": method, "epochs": len(accs), "teacher_top1_last": accs[-1],
-                   "teacher_top1_best": max(accs), "selected_on": "val", "params_train": params[0],
+        summary = {"method": method, "epochs": len(accs), "deployed_top1_last": accs[-1],
+                   "deployed_top1_best": max(accs), "selected_on": "val", "params_train": params[0],
                    "params_deploy": params[1], "train_images_per_sec": 123.4}
         (path / "summary.json").write_text(json.dumps(summary))
     return path
@@ -80,49 +82,41 @@ def test_plot_without_png_suffix_writes_and_prints_the_png(tmp_path, capsys):
     assert plot_path(tmp_path / "c.PNG") == tmp_path / "c.PNG"
 
 
+def figure_of(*runs):
+    return draw_report(group_runs([read_run(r, []) for r in runs]))
+
+
+def lines_of(ax) -> dict[str, list[float]]:
+    return {line.get_label(): [float(v) for v in line.get_ydata()] for line in ax.get_lines()}
+
+
 def test_plotted_series_are_comparable_quantities(tmp_path):
+    """Each method's deployed network, whatever its branch is called (CE: deployed, TESKD: teacher)."""
     ce = fake_run(tmp_path / "ce", "ce", [10.0, 20.0, 25.0])
     teskd = fake_run(tmp_path / "teskd", "teskd", [8.0, 22.0, 30.5])
     records = {name: records_for(name, accs) for name, accs in (("ce", [10.0, 20.0, 25.0]),
                                                                    ("teskd", [8.0, 22.0, 30.5]))}
-    panels = curve_panels([ce, teskd])
-    assert [p.title for p in panels] == ["deployed network (teacher): test top-1",
-                                         "teacher: training top-1 (same quantity for every method)",
-                                         "every branch: test top-1 (teskd)"]
-    series = {p.title: {s.label: s for s in p.series} for p in panels}
-    test, train, branches = (series[p.title] for p in panels)
-    assert list(test) == ["ce", "ce (val)", "teskd", "teskd (val)"]
-    assert test["teskd"].values == [r["test_acc"]["teacher"] for r in records["teskd"]]
-    assert test["ce (val)"].dashed and test["ce (val)"].values == [9.0, 19.0, 24.0]
-    # the teacher's training top-1 of both methods, never a loss (TESKD's loss is a weighted multi-term sum)
-    assert list(train) == ["ce", "teskd"]
-    for name in ("ce", "teskd"):
-        assert train[name].values == [r["train_acc"]["teacher"] for r in records[name]]
-        assert train[name].epochs == [1, 2, 3]
-    plotted = [v for p in panels for s in p.series for v in s.values]
+    fig = figure_of(ce, teskd)  # groups: [1] ce, [2] teskd
+    a, b, c, d = fig.axes[:4]
+    assert [ax.get_title().split(" ")[0] for ax in (a, b, c, d)] == ["(a)", "(b)", "(c)", "(d)"]
+    test = [list(line.get_ydata()) for line in a.get_lines() if line.get_linestyle() == "-"]
+    val = [list(line.get_ydata()) for line in a.get_lines() if line.get_linestyle() == "--"]
+    assert test == [[10.0, 20.0, 25.0], [8.0, 22.0, 30.5]] and val == [[9.0, 19.0, 24.0], [7.0, 21.0, 29.5]]
+    # (c): the deployed network's training top-1 of both methods, never a loss (TESKD's is a weighted sum)
+    assert c.get_title().startswith("(c) deployed network: training top-1")
+    assert lines_of(c) == {"[1]": [r["train_acc"]["deployed"] for r in records["ce"]],
+                           "[2]": [r["train_acc"]["teacher"] for r in records["teskd"]]}
+    plotted = [v for ax in (a, c, d) for values in lines_of(ax).values() for v in values]
     assert not {r[k] for rs in records.values() for r in rs for k in ("train_loss", "loss_ce")} & set(plotted)
-    # every branch of the TESKD run, and nothing of the CE run, in the third panel
-    assert list(branches) == ["teacher", *BRANCHES]
-    assert branches["student2"].values == [r["test_acc"]["student2"] for r in records["teskd"]]
-
-    fig = draw_panels(panels)
-    try:
-        axes = fig.axes
-        assert [ax.get_title() for ax in axes] == [p.title for p in panels]
-        for ax, panel in zip(axes, panels):
-            lines = ax.get_lines()
-            assert [line.get_label() for line in lines] == [s.label for s in panel.series]
-            assert [list(line.get_ydata()) for line in lines] == [s.values for s in panel.series]
-        assert any(LOSS_NOTE in t.get_text() for t in fig.texts)
-    finally:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+    # (d): every branch of the TESKD run, nothing of the CE run
+    assert d.get_title().endswith("([2])") and list(lines_of(d)) == ["teacher", *BRANCHES]
+    assert lines_of(d)["student2"] == [r["test_acc"]["student2"] for r in records["teskd"]]
+    assert fig._suptitle.get_text() == LOSS_NOTE
 
 
-def test_ce_runs_only_have_two_panels(tmp_path):
-    ce = fake_run(tmp_path / "ce", "ce", [10.0, 20.0])
-    assert [p.title.split(":")[0] for p in curve_panels([ce])] == ["deployed network (teacher)", "teacher"]
+def test_ce_runs_only_have_three_panels(tmp_path):
+    fig = figure_of(fake_run(tmp_path / "ce", "ce", [10.0, 20.0]))
+    assert [ax.get_title()[:3] for ax in fig.axes] == ["(a)", "(b)", "(c)"]
 
 
 def test_unfinished_run_is_reported_from_its_metrics(tmp_path, capsys):
@@ -208,11 +202,9 @@ def test_not_a_run_is_a_one_line_error(tmp_path, capsys, make, message):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
-def test_summary_table_raises_teskd_error(tmp_path):
-    from teskd.report import summary_table
-
+def test_format_report_raises_teskd_error(tmp_path):
     with pytest.raises(TeskdError, match="no such run directory"):
-        summary_table([tmp_path / "absent"])
+        format_report([tmp_path / "absent"])
 
 
 # --- groups of seeds: --format table | markdown | csv | json ---------------------------------------------
@@ -231,9 +223,10 @@ def grouped_run(path, method, accs, seed, *overrides, finished=True, macs=None):
     records = records_for(method, accs)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if finished:
-        best = max(range(len(accs)), key=lambda i: records[i]["val_acc"]["teacher"])
+        best = max(range(len(accs)), key=lambda i: records[i]["val_acc"][DEPLOYED[method]])
         summary = {"method": method, "arch": "resnet18", "dataset": "cifar100", "epochs": len(accs),
-                   "teacher_top1_last": accs[-1], "teacher_top1_best": accs[best], "selected_on": "val",
+                   "deployed_branch": DEPLOYED[method],
+                   "deployed_top1_last": accs[-1], "deployed_top1_best": accs[best], "selected_on": "val",
                    "test_acc_last": records[-1]["test_acc"], "params_train": 300 if method == "teskd" else 100,
                    "params_deploy": 100, "train_images_per_sec": 100.0 + 10 * seed,
                    **({"macs_train": macs[0], "macs_deploy": macs[1]} if macs else {})}
@@ -301,7 +294,7 @@ def test_groups_csv_and_markdown_parse_back(seeded, capsys):
         assert float(row["top1_last_mean"]) == pytest.approx(last)
         assert float(row["top1_best_mean"]) == pytest.approx(best)
         for key, want in (("top1_last_std", last_std), ("top1_best_std", best_std), ("delta_vs_ce", delta)):
-            assert (row[key] == "") if want is None else float(row[key]) == pytest.approx(want)
+            assert (row[key] == "") if want is None else float(row[key]) == pytest.approx(want, abs=1e-4)
     assert rows[2]["macs_train"] == "3000000" and rows[1]["macs_train"] == ""
 
     code, out, _ = report(capsys, root, "--format", "markdown")  # the folder holding the runs
@@ -322,11 +315,50 @@ def test_table_shows_runs_then_groups(seeded, capsys):
     code, out, _ = report(capsys, *runs)
     assert code == 0
     assert row_of(out, "ce-s0")[:5] == ["ce-s0", "ce", "3", "30.00", "31.00"]  # the per-run table, first
-    groups = out[out.index("groups ("):]
-    line = next(g for g in groups.splitlines() if "method.detach_teacher=false" in g and "optim.lr=0.1" in g)
-    assert "36.50 ± 2.12" in line and "+5.50" in line and "3.0M" in line
-    ce = next(g for g in groups.splitlines() if g.split()[:4] == ["cifar100", "resnet18", "0.125", "ce"])
-    assert "31.00 ± 1.41" in ce and "31.50 ± 0.71" in ce and "not measured" in ce
+    groups = out[out.index("groups ("):].splitlines()
+    # groups are keyed [k]: results, then each one's settings, then cost, then branches
+    key = next(g.split()[0] for g in groups if g.endswith(" optim.lr=0.1 method.detach_teacher=false"))
+    results = next(g for g in groups if g.startswith(key + " ") and "cifar100" in g)
+    assert "36.50 ± 2.12" in results and "+5.50" in results
+    cost = next(g for g in groups if g.startswith(key + " ") and "3.0M" in g)
+    assert cost.split()[1:3] == ["25.00", "105"]  # train top-1, img/s (mean of 100 + 10 * seed, seeds 0 and 1)
+    branches = next(g for g in groups[groups.index(cost) + 1:] if g.startswith(key + " "))
+    assert branches == f"{key} teacher=36.50 student1=34.50 student2=33.50 student3=32.50 students_ensemble=31.50"
+    ce = next(g for g in groups if g.split()[1:5] == ["cifar100", "resnet18", "0.125", "ce"])
+    assert "31.00 ± 1.41" in ce and "31.50 ± 0.71" in ce
+    ce_cost = next(g for g in groups if g.startswith(ce.split()[0] + " ") and "not measured" in g)
+    assert ce_cost.split()[3:5] == ["100", "100"]  # params train, deploy
+
+
+def test_text_table_fits_in_120_columns_and_markdown_keeps_every_column(seeded, capsys):
+    """The groups of the text table used to be one 250-320 column line each; now they are narrower blocks."""
+    root, runs = seeded
+    code, out, _ = report(capsys, *runs)
+    assert code == 0 and max(len(line) for line in out.splitlines()) <= 120
+    code, md, _ = report(capsys, *runs, "--format", "markdown")
+    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    assert header[:5] == ["dataset", "arch", "width", "method", "settings"]
+    assert {"params train", "MACs deploy", "branches (last top-1)"} <= set(header)
+
+
+def test_numbers_are_printed_without_float_noise(tmp_path, capsys):
+    """18.1 - 30.0 is -11.899999999999999 in binary floating point: csv, markdown and text print -11.9 rounded;
+    json keeps the full value."""
+    ce = grouped_run(tmp_path / "ce-s0", "ce", [20.0, 30.0], 0)
+    teskd = grouped_run(tmp_path / "teskd-s0", "teskd", [10.0, 18.1], 0)
+    outputs = {}
+    for fmt in ("table", "markdown", "csv", "json"):
+        code, outputs[fmt], err = report(capsys, ce, teskd, "--format", fmt)
+        assert code == 0, err
+    groups = {g["method"]: g for g in json.loads(outputs["json"])}
+    assert groups["teskd"]["delta_vs_ce"] == 18.1 - 30.0 != -11.9  # full precision
+    import csv
+
+    row = next(r for r in csv.DictReader(outputs["csv"].splitlines()) if r["method"] == "teskd")
+    assert row["delta_vs_ce"] == "-11.9" and row["delta_paired_mean"] == "-11.9"
+    for fmt in ("table", "markdown", "csv"):
+        assert "99999" not in outputs[fmt] and "00000" not in outputs[fmt], fmt
+    assert "-11.90" in outputs["table"] and "-11.90" in outputs["markdown"]
 
 
 def test_folder_of_runs_and_unfinished_seed(seeded, capsys, tmp_path):
@@ -370,7 +402,7 @@ def test_group_plot_is_written(seeded, capsys, tmp_path):
 
 
 def test_group_figure_panels(seeded):
-    from teskd.report import draw_report, group_curves, group_runs, read_run
+    from teskd.report import group_curves
 
     root, runs = seeded
     groups = group_runs([read_run(r, []) for r in runs])

@@ -344,6 +344,6 @@ def test_failed_drawing_never_fails_the_run(tb_run, tmp_path, monkeypatch, capsy
     out = tmp_path / "plain"
     assert main(["train", CONFIG, *tiny(data, "train.epochs=1"), "--out", str(out)]) == 0
     assert not (out / "tensorboard").exists() and not (out / "curves.png").exists()
-    assert (out / "summary.json").is_file() and (out / "teacher.safetensors").is_file()
+    assert (out / "summary.json").is_file() and (out / "deployed.safetensors").is_file()
     notes = [line for line in capsys.readouterr().out.splitlines() if "curves.png not written" in line]
     assert len(notes) == 1 and "RuntimeError: no display at all" in notes[0] and f"teskd curves {out}" in notes[0]

@@ -34,7 +34,7 @@ def straight_run(tmp_path_factory):
 
 def test_run_directory_contents(straight_run):
     run = straight_run
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "teacher.safetensors",
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "deployed.safetensors",
                  "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (run / name).is_file(), name
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -50,10 +50,10 @@ def test_run_directory_contents(straight_run):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["selected_on"] == "val" and summary["epochs"] == 2
     assert (summary["method"], summary["seed"], summary["width_mult"]) == ("teskd", 0, 0.125)
-    assert summary["teacher_top1_last"] == records[-1]["test_acc"]["teacher"]
+    assert summary["deployed_top1_last"] == records[-1]["test_acc"]["teacher"]
     best = max(records, key=lambda r: r["val_acc"]["teacher"])  # first maximum wins
     assert summary["best_epoch"] == best["epoch"]
-    assert summary["teacher_top1_best"] == best["test_acc"]["teacher"]
+    assert summary["deployed_top1_best"] == best["test_acc"]["teacher"]
     assert summary["params_deploy"] < summary["params_train"]
     assert summary["train_images_per_sec"] > 0
     # 100 classes x (4 train), 1 per class held out for validation from the full set
@@ -62,7 +62,7 @@ def test_run_directory_contents(straight_run):
 
 
 def test_exported_teacher_is_the_plain_backbone(straight_run):
-    state = load_file(str(straight_run / "teacher.safetensors"))
+    state = load_file(str(straight_run / "deployed.safetensors"))
     backbone = build_backbone("resnet18", 100, 0.125)
     backbone.load_state_dict(state)  # strict: no student keys, nothing missing
     ckpt = torch.load(straight_run / "checkpoints" / "last.pt", weights_only=True)
@@ -90,7 +90,7 @@ def test_eval_reports_every_branch(straight_run, capsys):
     result = json.loads(capsys.readouterr().out)
     summary = json.loads((straight_run / "summary.json").read_text())
     assert result["epoch"] == 2
-    assert result["accuracy"]["teacher"]["top1"] == pytest.approx(summary["teacher_top1_last"])
+    assert result["accuracy"]["teacher"]["top1"] == pytest.approx(summary["deployed_top1_last"])
     assert set(result["accuracy"]) == {"teacher", "student1", "student2", "student3", "students_ensemble"}
     for acc in result["accuracy"].values():
         assert acc["top1"] <= acc["top5"]
@@ -104,13 +104,13 @@ def test_ce_baseline_trains_without_students(tmp_path, cifar100_root):
     assert summary["params_train"] == summary["params_deploy"]
     assert summary["selected_on"] == "test"
     record = json.loads((out / "metrics.jsonl").read_text())
-    assert set(record["test_acc"]) == {"teacher"}
+    assert set(record["test_acc"]) == {"deployed"}  # CE's one network
 
 
 def test_eval_every_evaluates_every_nth_epoch_and_the_last(tmp_path, cifar100_root):
     """train.eval_every=2 over 3 epochs: epochs 2 and 3 are evaluated, epoch 1 is not; best and summary use the
     evaluated ones, and report reads the run."""
-    from teskd.report import run_row
+    from teskd.report import read_run
 
     out = tmp_path / "run"
     assert main(["train", str(REPO / "configs" / "cifar100" / "resnet18_ce.yaml"),
@@ -120,12 +120,12 @@ def test_eval_every_evaluates_every_nth_epoch_and_the_last(tmp_path, cifar100_ro
     assert ["test_acc" in r for r in records] == [False, True, True]
     assert all("train_acc" in r and "train_loss" in r for r in records)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["epochs"] == 3 and summary["teacher_top1_last"] == records[2]["test_acc"]["teacher"]
-    best = max(records[1:], key=lambda r: r["test_acc"]["teacher"])
+    assert summary["epochs"] == 3 and summary["deployed_top1_last"] == records[2]["test_acc"]["deployed"]
+    best = max(records[1:], key=lambda r: r["test_acc"]["deployed"])
     assert summary["best_epoch"] == best["epoch"]
-    assert summary["teacher_top1_max_test"] == best["test_acc"]["teacher"]
-    row = run_row(out)
-    assert row.top1_last == records[2]["test_acc"]["teacher"] and row.finished
+    assert summary["deployed_top1_max_test"] == best["test_acc"]["deployed"]
+    row = read_run(out, []).row
+    assert row.top1_last == records[2]["test_acc"]["deployed"] and row.finished
 
 
 def test_eval_every_must_be_positive(tmp_path, capsys):

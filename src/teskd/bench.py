@@ -155,14 +155,14 @@ def _inference(cfg: Config, trainee: _Trainee, num_classes: int, images: torch.T
     runtime.seed_everything(cfg.train.seed)
     plain = build_backbone(cfg.model.arch, num_classes, cfg.model.width_mult)
     nets = {name: runtime.prepare_model(net, cfg.train, device)[1].eval()
-            for name, net in (("teacher", trainee.method.deploy_module), ("backbone", plain))}
+            for name, net in (("deployed", trainee.method.deploy_module), ("backbone", plain))}
     with torch.no_grad(), runtime.autocast(device, amp_dtype):
         med = _alternate({k: (lambda i, net=net: net(images)) for k, net in nets.items()}, steps, max(warmup, 1),
                          device)
     trainee.method.train()
-    b, teacher, backbone = images.shape[0], med["teacher"], med["backbone"]
-    return {"teacher_images_per_sec": b / teacher, "backbone_images_per_sec": b / backbone,
-            "ratio": teacher / backbone, "teacher_ms": 1000 * teacher, "backbone_ms": 1000 * backbone}
+    b, deployed, backbone = images.shape[0], med["deployed"], med["backbone"]
+    return {"deployed_images_per_sec": b / deployed, "backbone_images_per_sec": b / backbone,
+            "ratio": deployed / backbone, "deployed_ms": 1000 * deployed, "backbone_ms": 1000 * backbone}
 
 
 def _peak_rss_mb() -> float:
@@ -270,7 +270,7 @@ def _time(cfg: Config, configs: dict, device, steps: int, warmup: int, inference
     seconds = _alternate({"augment": lambda i: augment(x, gen)}, max(steps, 5), 1, device)["augment"]
     result["input_images_per_sec"] = b / seconds
     if inference:
-        _log(progress, "inference of the deployed teacher and the plain backbone, alternating")
+        _log(progress, "inference of the deployed network and the plain backbone, alternating")
         result["inference"] = _inference(cfg, trainees["method"], _classes(cfg), images, steps, warmup)
     return result
 
@@ -296,6 +296,6 @@ def format_bench(r: dict) -> str:
     lines.append(f"input pipeline (augmentation only): {r['input_images_per_sec']:.0f} images/s")
     if "inference" in r:
         i = r["inference"]
-        lines.append(f"inference: deployed teacher {i['teacher_images_per_sec']:.1f} images/s, "
+        lines.append(f"inference: deployed network {i['deployed_images_per_sec']:.1f} images/s, "
                      f"plain backbone {i['backbone_images_per_sec']:.1f} images/s, ratio {i['ratio']:.2f}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ Right panel: the training loss and each of its named ``loss_*`` parts.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from teskd import fileio
 from teskd.errors import TeskdError, printable
+from teskd.runfiles import LEGACY_BRANCH, with_deployed_branch
 
 FIGSIZE = (12.0, 4.5)  # inches: two panels, each with its legend beside it
 DPI = 120
@@ -56,7 +58,7 @@ def _branches(records: list[dict], key: str, first: str) -> list[str]:
     return sorted(names, key=lambda b: b != first)  # stable: the rest keep their order
 
 
-def _colors(n: int) -> list:
+def palette(n: int) -> list:
     """``n`` distinct colours: tab10 up to 10, tab20 up to 20, then evenly spaced along turbo."""
     from matplotlib import colormaps
 
@@ -67,7 +69,7 @@ def _colors(n: int) -> list:
     return [colormaps["turbo"](0.05 + 0.9 * i / (n - 1)) for i in range(n)]
 
 
-def _style(n_points: int, **kw) -> dict:
+def line_style(n_points: int, **kw) -> dict:
     """Line style: dots on every epoch while they stay readable (a 1-epoch run is then a visible dot)."""
     if n_points <= MARKER_MAX_POINTS:
         kw.setdefault("marker", "o")
@@ -75,10 +77,40 @@ def _style(n_points: int, **kw) -> dict:
     return kw
 
 
-def _legend(ax) -> None:
+def legend_beside(ax) -> None:
     # beside the axes, never over the curves; the constrained layout makes room for it
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=9, frameon=False)
+
+
+def epoch_axis(ax) -> None:
+    """Integer epoch ticks (a 1-epoch run: one tick), an ``epoch`` label and a light grid."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlabel("epoch")
+    ax.grid(True, which="major", alpha=0.35)
+
+
+def new_figure(figsize: tuple[float, float], dpi: int = DPI):
+    """A matplotlib ``Figure`` on its own Agg canvas, laid out by constrained layout (pyplot's global state is
+    not touched: nothing to show, nothing to close). Raises a TeskdError naming the extra when matplotlib is
+    missing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise TeskdError("drawing needs matplotlib, which is not installed: pip install 'teskd[plot]'") from exc
+    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png_bytes(fig, dpi: int = DPI) -> bytes:
+    """The figure rendered as PNG, in memory: a caller writes the file only once drawing succeeded."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def _empty(ax, what: str) -> None:
@@ -88,21 +120,21 @@ def _empty(ax, what: str) -> None:
 def _draw_accuracy(ax, records: list[dict], deploy_branch: str) -> None:
     branches = _branches(records, "test_acc", deploy_branch)
     others = [b for b in branches if b != deploy_branch]
-    colors = dict(zip(others, _colors(len(others))))
+    colors = dict(zip(others, palette(len(others))))
     for name in branches:
         epochs, values = _series(records, "test_acc", name)
         if not epochs:
             continue
         if name == deploy_branch:
             # thick, but under the thin lines (zorder < 2): a branch that equals it stays visible
-            ax.plot(epochs, values, **_style(len(epochs), color="black", lw=2.8, ms=5.5, zorder=1.5,
-                                            label=f"{plot_text(name)} (deployed)"))
+            ax.plot(epochs, values, **line_style(len(epochs), color="black", lw=2.8, ms=5.5, zorder=1.5,
+                                                 label=f"{plot_text(name)} (deployed)"))
         else:
-            ax.plot(epochs, values, **_style(len(epochs), color=colors[name], lw=1.4, label=plot_text(name)))
+            ax.plot(epochs, values, **line_style(len(epochs), color=colors[name], lw=1.4, label=plot_text(name)))
     epochs, values = _series(records, "val_acc", deploy_branch)
     if epochs:
-        ax.plot(epochs, values, **_style(len(epochs), color="black", lw=1.8, ls="--", mfc="white", zorder=2.5,
-                                        label=f"{plot_text(deploy_branch)} (deployed), val"))
+        ax.plot(epochs, values, **line_style(len(epochs), color="black", lw=1.8, ls="--", mfc="white", zorder=2.5,
+                                             label=f"{plot_text(deploy_branch)} (deployed), val"))
     if not ax.lines:
         _empty(ax, "test accuracy")
     ax.set_title("test top-1 per branch", fontsize=11)
@@ -112,7 +144,7 @@ def _draw_accuracy(ax, records: list[dict], deploy_branch: str) -> None:
 def _draw_losses(ax, records: list[dict]) -> None:
     parts = list(dict.fromkeys(k for r in records for k in r if k.startswith("loss_")))
     keys = (["train_loss"] if any("train_loss" in r for r in records) else []) + parts
-    colors = dict(zip(parts, _colors(len(parts))))
+    colors = dict(zip(parts, palette(len(parts))))
     drawn = []
     for key in keys:
         epochs, values = _series(records, key)
@@ -120,10 +152,10 @@ def _draw_losses(ax, records: list[dict]) -> None:
             continue
         if key == "train_loss":
             # a wide grey band under the parts: the dominant part often equals the total and must not vanish
-            ax.plot(epochs, values, **_style(len(epochs), color="0.6", lw=5, ms=8, alpha=0.7, zorder=1.5,
-                                            label="train_loss (total)"))
+            ax.plot(epochs, values, **line_style(len(epochs), color="0.6", lw=5, ms=8, alpha=0.7, zorder=1.5,
+                                                 label="train_loss (total)"))
         else:
-            ax.plot(epochs, values, **_style(len(epochs), color=colors[key], lw=1.4, label=plot_text(key)))
+            ax.plot(epochs, values, **line_style(len(epochs), color=colors[key], lw=1.4, label=plot_text(key)))
         drawn += values
     if not drawn:
         _empty(ax, "training loss")
@@ -135,44 +167,35 @@ def _draw_losses(ax, records: list[dict]) -> None:
     ax.set_ylabel("loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
 
 
-def draw_curves(records: list[dict], title: str = "", deploy_branch: str = "teacher"):
-    """The curves as a matplotlib ``Figure`` (Agg canvas; pyplot's global state is not touched)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError as exc:
-        raise TeskdError("drawing curves needs matplotlib, which is not installed: pip install 'teskd[plot]'") \
-            from exc
-    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
+def draw_curves(records: list[dict], title: str = "", deploy_branch: str | None = None):
+    """The curves as a matplotlib ``Figure`` (Agg canvas; pyplot's global state is not touched).
+    ``deploy_branch``: the run's deployed branch (None: unknown, e.g. an unloaded plug-in's; records from
+    before the teacher -> deployed rename name it ``teacher``, and are drawn under the run's name)."""
+    fig = new_figure(FIGSIZE)
     acc, loss = fig.subplots(1, 2)
-    _draw_accuracy(acc, records, deploy_branch)
+    records = [with_deployed_branch(r, deploy_branch) for r in records]  # old records call it "teacher"
+    _draw_accuracy(acc, records, deploy_branch or LEGACY_BRANCH)
     _draw_losses(loss, records)
     for ax in (acc, loss):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs (1 epoch: one tick)
-        ax.set_xlabel("epoch")
-        ax.grid(True, which="major", alpha=0.35)
+        epoch_axis(ax)
         if ax.get_yscale() == "log":
             ax.grid(True, which="minor", axis="y", alpha=0.1)
         ax.tick_params(labelsize=9)
-        _legend(ax)
+        legend_beside(ax)
     if title:
         fig.suptitle(plot_text(title), fontsize=12)
     return fig
 
 
-def plot_curves(records: list[dict], out: Path, title: str = "", deploy_branch: str = "teacher") -> Path:
+def plot_curves(records: list[dict], out: Path, title: str = "", deploy_branch: str | None = None) -> Path:
     """Draw ``records`` (metrics.jsonl epoch records) into the PNG ``out``, atomically; returns ``out``."""
     out = Path(out)
     if not records:
         raise TeskdError(f"no finished epoch to draw into {out}")
-    fig = draw_curves(records, title, deploy_branch)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI)
+    png = png_bytes(draw_curves(records, title, deploy_branch))
     # rendered in memory first: the file is written (.curves.png.tmp, then renamed) only once the
     # drawing succeeded, so a failure never leaves a half-written PNG or the old one damaged
-    fileio.atomic_write_bytes(out, buffer.getvalue())
+    fileio.atomic_write_bytes(out, png)
     return out
 
 
@@ -193,25 +216,12 @@ def run_title(name: str, config: dict | None) -> str:
     return f"{name}: {details}" if details else name
 
 
-def _deploy_branch(method: str | None) -> str:
-    """The deployed branch of a registered method (every built-in one deploys "teacher")."""
-    if not isinstance(method, str):
-        return "teacher"
-    try:
-        from teskd.registry import METHODS
-
-        branch = getattr(METHODS.get(method), "deploy_branch", "teacher")
-    except Exception:  # noqa: BLE001  (a plug-in not loaded here: its name is only needed for the label)
-        return "teacher"
-    return branch if isinstance(branch, str) else "teacher"
-
-
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     """Redraw a run's curves from ``run_dir/metrics.jsonl`` into ``out`` (default ``run_dir/curves.png``).
     Its files are read through :mod:`teskd.runfiles` (they may come from anyone)."""
     from teskd.engine.rundir import RunDir
     from teskd.log import log
-    from teskd.runfiles import read_config_yaml, read_metrics
+    from teskd.runfiles import read_config_yaml, read_metrics, read_summary, run_deploy_branch
 
     run = RunDir(run_dir)
     if not os.path.lexists(run.metrics):  # a FIFO or a link to a device is there: read_metrics says what it is
@@ -227,6 +237,10 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         except TeskdError as exc:  # only the title and label need it
             log.warning(f"warning: {printable(exc)}; drawing without it")
     method = config.get("method") if isinstance(config, dict) else None
+    summary = None
+    if run.summary.is_file():  # its deployed_branch names a plug-in's branch even when the plug-in is not loaded
+        with contextlib.suppress(TeskdError):
+            summary = read_summary(run)
+    branch = run_deploy_branch(summary, method.get("name") if isinstance(method, dict) else None)
     name = run.path.resolve().name  # "." has no name of its own
-    return plot_curves(records, run.curves if out is None else Path(out), run_title(name, config),
-                       _deploy_branch(method.get("name") if isinstance(method, dict) else None))
+    return plot_curves(records, run.curves if out is None else Path(out), run_title(name, config), branch)

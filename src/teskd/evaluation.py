@@ -1,4 +1,4 @@
-"""Evaluate a saved run, checkpoint or deployed teacher; describe a configured model's size and cost.
+"""Evaluate a saved run, checkpoint or exported deployed network; describe a configured model's size and cost.
 
 Every evaluation result says exactly what was evaluated: the dataset and split, how many
 images, whether that is the whole split or a subset (and which one), and the absolute
@@ -108,26 +108,30 @@ def evaluate_checkpoint(target: Path, overrides=(), which: str = "last", split: 
                                   mismatch=f"checkpoint {path} does not match {cfg.model.arch}/{cfg.method.name}")
         acc = evaluate(model, loader, device, amp, channels_last=cfg.train.channels_last,
                        progress=cfg.train.progress, desc=split)
-    return {"kind": "checkpoint", "checkpoint": str(path), "epoch": state["epoch"], "arch": cfg.model.arch,
+    from teskd.engine.checkpoint import describe_weights
+
+    return {"kind": "checkpoint", "checkpoint": str(path), "epoch": state["epoch"],
+            "partial": describe_weights(state), "arch": cfg.model.arch,
             "method": cfg.method.name, **info, "precision": runtime.precision_name(amp), "accuracy": acc}
 
 
-# --- deployed teachers (teacher.safetensors) ----------------------------------------------------
+# --- exports of the deployed network (deployed.safetensors, .onnx, .pt2, ...) ---------------------
 
 
-class DeployedTeacher(nn.Module):
-    """A bare backbone as ``evaluate`` sees a method in eval mode: one branch, ``teacher``."""
+class DeployedOnly(nn.Module):
+    """A bare exported network as ``evaluate`` sees a method in eval mode: one branch, ``deployed`` (an export
+    does not record what its method called the branch)."""
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"teacher": self.backbone(images)}
+        return {"deployed": self.backbone(images)}
 
 
-def load_teacher(path: Path) -> tuple[nn.Module, dict]:
-    """The deployed network of an export (``teacher.safetensors``, ``.onnx``, ``.pt2``) and its metadata."""
+def load_deployed_file(path: Path) -> tuple[nn.Module, dict]:
+    """The deployed network of an export (``deployed.safetensors``, ``.onnx``, ``.pt2``) and its metadata."""
     from teskd.deploy.source import is_export_file, load_deployed
 
     path = Path(path)
@@ -140,8 +144,9 @@ def load_teacher(path: Path) -> tuple[nn.Module, dict]:
                             "input_size": i.input_size, "resize": i.resize, "format": deployed.kind}
 
 
-def evaluate_teacher(path: Path, overrides=(), split: str = "test", full: bool = False) -> dict:
-    """Top-1/top-5 of a deployed ``teacher.safetensors`` on its dataset's test split.
+def evaluate_deployed(path: Path, overrides=(), split: str = "test", full: bool = False) -> dict:
+    """Top-1/top-5 of an export of the deployed network (e.g. ``deployed.safetensors``) on its dataset's test
+    split.
 
     The config is the default one, with ``data.dataset`` from the file's metadata, then
     ``overrides`` (e.g. ``data.root=...``, ``data.test_subset_per_class=5``).
@@ -151,7 +156,7 @@ def evaluate_teacher(path: Path, overrides=(), split: str = "test", full: bool =
                          "is defined by a run's config (evaluate the run directory with --split val)")
     from teskd.data.registry import DATASETS
 
-    backbone, meta = load_teacher(Path(path))
+    backbone, meta = load_deployed_file(Path(path))
     sizes = {"input_size": meta.pop("input_size"), "resize": meta.pop("resize")}
     base = {"data": {"dataset": meta["trained_on"]}} if meta["trained_on"] else {}
     if meta["trained_on"] in DATASETS.names():
@@ -170,10 +175,10 @@ def evaluate_teacher(path: Path, overrides=(), split: str = "test", full: bool =
     amp = runtime.resolve_eval_amp(cfg.train, device)
     loader, info = load_eval_split(cfg.data, split, device)
     with runtime.settings(cfg.train, device):
-        _, model = runtime.prepare_model(DeployedTeacher(backbone), cfg.train, device)
+        _, model = runtime.prepare_model(DeployedOnly(backbone), cfg.train, device)
         acc = evaluate(model, loader, device, amp, channels_last=cfg.train.channels_last,
                        progress=cfg.train.progress, desc=split)
-    return {"kind": "teacher", "checkpoint": str(path), "epoch": None, **meta, **info,
+    return {"kind": "deployed", "checkpoint": str(path), "epoch": None, **meta, **info,
             "precision": runtime.precision_name(amp), "accuracy": acc}
 
 
@@ -184,7 +189,7 @@ def evaluate_target(target: Path, overrides=(), which: str = "last", split: str 
 
     target = Path(target)
     if is_export_file(target):
-        return evaluate_teacher(target, overrides, split=split, full=full)
+        return evaluate_deployed(target, overrides, split=split, full=full)
     return evaluate_checkpoint(target, overrides, which=which, split=split, full=full)
 
 

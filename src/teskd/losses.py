@@ -23,6 +23,18 @@ def kd_kl(logits: torch.Tensor, target_logits: torch.Tensor, temperature: float,
     return kl * (t * t)
 
 
+def soft_kl(logits: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 * KL(sg softmax(z_target/T) || softmax(z/T))``, summed over classes, averaged over the batch.
+
+    The distillation term of Hinton's KD, CS-KD, DML (T = 1) and FRSKD: the target is a constant (detached)
+    and its probabilities are exact (no ``eps``; ``kd_kl`` is TESKD's official form, which differs in both).
+    """
+    t = temperature
+    log_q = F.log_softmax(logits.float() / t, dim=1)
+    log_p = F.log_softmax(target_logits.detach().float() / t, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean() * (t * t)
+
+
 def masked_feature_l2(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
     """Sum over batch and channels of ``(f_s - sg(f_t))^2`` where ``f_s > 0 or f_t > 0``.
 

@@ -114,13 +114,14 @@ def check_out(out: Path) -> None:
 
 
 def import_official(path: Path, arch: str, out: Path, overrides=()) -> Path:
-    """Convert an official state dict into a new run directory, ``.pt`` checkpoint or teacher ``.safetensors``."""
+    """Convert an official state dict into a new run directory, ``.pt`` checkpoint or deployed ``.safetensors``."""
     from teskd.version import __version__
     from teskd.build import assemble_model
     from teskd.config import load_config, resolve_data_root, save_config, to_dict
     from teskd.data.registry import get_dataset_spec
     from teskd.engine.checkpoint import save_checkpoint
-    from teskd.deploy.safetensors_format import export_teacher
+    from teskd.deploy.safetensors_format import export_deployed
+    from teskd.engine.rundir import RunDir
 
     check_arch(arch)  # first: no other message makes sense for an architecture that does not exist
     out = Path(out)
@@ -149,10 +150,10 @@ def import_official(path: Path, arch: str, out: Path, overrides=()) -> Path:
     except OSError as exc:
         raise TeskdError(f"cannot write {out}: {exc.strerror or exc}") from exc
     if out.suffix == ".safetensors":
-        export_teacher(method, out, cfg, num_classes)
+        export_deployed(method, out, cfg, num_classes)
     elif out.suffix == ".pt":
         save_checkpoint(checkpoint, out)
     else:
         save_checkpoint(checkpoint, out / "checkpoints" / "last.pt")
-        export_teacher(method, out / "teacher.safetensors", cfg, num_classes)
+        export_deployed(method, RunDir(out).deployed, cfg, num_classes)
     return out

@@ -9,7 +9,7 @@ import json
 from teskd import fileio
 from teskd.config import Config, to_dict
 from teskd.curves import plot_curves, run_title
-from teskd.deploy.safetensors_format import export_teacher
+from teskd.deploy.safetensors_format import export_deployed
 from teskd.engine.callbacks import Callback, RunEnd, RunStart
 from teskd.engine.rundir import RunDir
 from teskd.engine.tensorboard import TensorBoardLog
@@ -38,13 +38,13 @@ class TensorBoardEvents(Callback):
 
 
 class ExportDeployed(Callback):
-    """RUN/teacher.safetensors: the deployed network, with the metadata that rebuilds it."""
+    """RUN/deployed.safetensors: the deployed network, with the metadata that rebuilds it."""
 
     def __init__(self, rundir: RunDir, cfg: Config):
         self.rundir, self.cfg = rundir, cfg
 
     def on_run_end(self, end: RunEnd) -> None:
-        export_teacher(end.method, self.rundir.teacher, self.cfg, end.num_classes, end.classes)
+        export_deployed(end.method, self.rundir.deployed, self.cfg, end.num_classes, end.classes)
 
 
 class WriteSummary(Callback):

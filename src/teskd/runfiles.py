@@ -124,8 +124,9 @@ SUMMARY_FIELDS = {
     "amp": "string", "eval_precision": "string", "torch": "string",
     "epochs": "epoch", "best_epoch": "epoch", "seed": "count",
     "params_train": "count?", "params_deploy": "count?", "macs_train": "count?", "macs_deploy": "count?",
-    "width_mult": "number", "teacher_top1_last": "number", "teacher_top5_last": "number",
-    "teacher_top1_best": "number", "teacher_top1_max_test": "number", "teacher_val_top1_best": "number",
+    "width_mult": "number", "deployed_top1_last": "number", "deployed_top5_last": "number",
+    "deployed_top1_best": "number", "deployed_top1_max_test": "number", "deployed_val_top1_best": "number",
+    "deployed_branch": "string",
     "train_images_per_sec": "number?", "train_hours": "number?",
     "test_acc_last": "accuracies",
 }
@@ -136,6 +137,68 @@ RECORD_FIELDS = {
     "train_images_per_sec": "number", "data_wait_share": "number",
     "train_acc": "accuracies", "test_acc": "accuracies", "test_top5": "accuracies", "val_acc": "accuracies",
 }
+
+
+# --- runs written before "teacher" was renamed to "deployed" ---------------------------------------------
+# Until then the deployed network was called "teacher" whatever the method: summary.json's headline keys,
+# the branch in metrics.jsonl records, and the exported teacher.safetensors (engine/rundir.py). Readers see
+# the new names only: read_summary renames the old keys, and deployed_key finds the branch in a record.
+
+LEGACY_BRANCH = "teacher"
+_OLD_SUMMARY_KEYS = {f"teacher_{k}": f"deployed_{k}" for k in
+                     ("top1_last", "top5_last", "top1_best", "top1_max_test", "val_top1_best")}
+_OLD_SUMMARY_FIELDS = {old: SUMMARY_FIELDS[new] for old, new in _OLD_SUMMARY_KEYS.items()}
+_BRANCH_KEYS = ("test_acc", "val_acc", "train_acc", "test_top5")  # a record's per-branch mappings
+
+
+def deployed_key(record: dict, branch: str | None) -> str:
+    """The key of the deployed network in ``record``'s per-branch accuracies. ``branch``: the deployed branch
+    as the run names it (:func:`run_deploy_branch`; None when unknown). Records written before the rename
+    name it ``teacher`` for every method (KD's old ``teacher`` is the deployed student, its frozen teacher
+    was ``kd_teacher``), so a record without ``branch`` is such an old one. A run resumed across the rename
+    has both kinds, which is why this is decided record by record."""
+    if branch is not None and any(branch in (record.get(key) or {}) for key in _BRANCH_KEYS):
+        return branch
+    return LEGACY_BRANCH
+
+
+def deployed_value(record: dict, key: str, branch: str | None):
+    """``record[key]`` of the deployed network (:func:`deployed_key`), or None where the record lacks it."""
+    values = record.get(key)
+    return values.get(deployed_key(record, branch)) if isinstance(values, dict) else None
+
+
+def with_deployed_branch(record: dict, branch: str | None) -> dict:
+    """``record`` with the deployed network's entries under the name ``branch``: an old record's ``teacher``
+    renamed, so the records of a run resumed across the rename draw one curve. Unchanged when ``branch`` is
+    None or already the record's name."""
+    old = deployed_key(record, branch)
+    if branch is None or old == branch:
+        return record
+    return {key: ({branch if b == old else b: v for b, v in value.items()}
+                  if key in _BRANCH_KEYS and isinstance(value, dict) else value) for key, value in record.items()}
+
+
+def method_deploy_branch(method) -> str | None:
+    """The ``deploy_branch`` of a registered method's class; None for a name not registered here (a plug-in
+    that is not loaded) or not a name at all."""
+    if not isinstance(method, str):
+        return None
+    from teskd.registry import METHODS  # the registry imports methods only when asked for one
+
+    try:
+        branch = getattr(METHODS.get(method), "deploy_branch", None)
+    except Exception:  # noqa: BLE001  (an unknown name, or a plug-in that fails to import)
+        return None
+    return branch if isinstance(branch, str) else None
+
+
+def run_deploy_branch(summary: dict | None, method) -> str | None:
+    """The deployed branch of a run: summary.json's ``deployed_branch`` (written since the rename), else the
+    class attribute of its ``method`` (a method name) where registered. Pass it to :func:`deployed_key`,
+    which falls back to ``teacher`` for records of old runs."""
+    recorded = (summary or {}).get("deployed_branch")
+    return recorded if isinstance(recorded, str) else method_deploy_branch(method)
 
 
 def _field_problem(data: dict, fields: dict[str, str], required=(), numbers_prefix: str | None = None) -> str | None:
@@ -178,9 +241,23 @@ def read_summary(run, required=("epochs",)) -> dict:
         raise TeskdError(f"{path} is empty or not valid JSON ({one_line(exc, 160)})") from exc
     if not isinstance(data, dict):
         raise TeskdError(f"{path} is not a JSON object (got {_short(data)})")
-    problem = _field_problem(data, SUMMARY_FIELDS, required)
+    # types first, under the file's own key names (an old summary's teacher_*), then what is required, under
+    # today's names
+    problem = _field_problem(data, {**SUMMARY_FIELDS, **_OLD_SUMMARY_FIELDS})
+    data = _renamed_summary_keys(data)
+    problem = problem or _field_problem(data, SUMMARY_FIELDS, required)
     if problem:
         raise TeskdError(f"{path} is not a teskd summary: {problem}")
+    return data
+
+
+def _renamed_summary_keys(data: dict) -> dict:
+    """An old summary's ``teacher_*`` keys under their ``deployed_*`` names (a new key, if present, wins)."""
+    data = dict(data)
+    for old, new in _OLD_SUMMARY_KEYS.items():
+        if old in data:
+            value = data.pop(old)
+            data.setdefault(new, value)
     return data
 
 

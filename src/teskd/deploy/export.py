@@ -19,10 +19,10 @@ from teskd.errors import TeskdError
 
 
 def default_out(deployed: Deployed, fmt: str, which: str) -> Path:
-    """``./<run name>-teacher[-best].<ext>`` (a checkpoint or export: ``./<file stem>.<ext>``)."""
+    """``./<run name>-deployed[-best].<ext>`` (a checkpoint or export: ``./<file stem>.<ext>``)."""
     src = deployed.source
     if deployed.kind == "checkpoint" and src.parent.name == "checkpoints":  # inside a run folder
-        stem = f"{src.parent.parent.resolve().name}-teacher" + ("-best" if src.stem.startswith("best") else "")
+        stem = f"{src.parent.parent.resolve().name}-deployed" + ("-best" if src.stem.startswith("best") else "")
     else:
         stem = src.stem
     return Path(f"{stem}{get_format(fmt).suffix}")
@@ -30,7 +30,7 @@ def default_out(deployed: Deployed, fmt: str, which: str) -> Path:
 
 def _check_out(out: Path, fmt: ExportFormat, overwrite: bool) -> None:
     if out.is_dir():
-        raise TeskdError(f"--out {out} is a folder; give a file name, e.g. {out / ('teacher' + fmt.suffix)}")
+        raise TeskdError(f"--out {out} is a folder; give a file name, e.g. {out / ('deployed' + fmt.suffix)}")
     if not out.parent.is_dir():
         raise TeskdError(f"the folder of --out {out} does not exist")
     if out.exists() or out.is_symlink():
@@ -113,5 +113,6 @@ def export(target: Path | str, fmt: str, out: Path | str | None = None, which: s
         raise TeskdError(f"{out} was replaced by another export while this one finished; it does not hold the "
                          f"network of {deployed.source}: run this export again")
     return {"format": fmt, "out": str(out), "bytes": out.stat().st_size, "source": str(deployed.source),
-            "epoch": deployed.epoch, "arch": deployed.info.arch, "num_classes": deployed.info.num_classes,
+            "epoch": deployed.epoch, "partial": deployed.partial,  # partial: a mid-epoch checkpoint, said so
+            "arch": deployed.info.arch, "num_classes": deployed.info.num_classes,
             "input_size": deployed.info.input_size, "max_abs_diff": diff, "bound": limit}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from teskd.errors import TeskdError, printable
 
-# the keys every teskd export has (older teacher.safetensors files have exactly these three plus extras)
+# the keys every teskd export has (older ones, e.g. a run's teacher.safetensors, have exactly these three plus extras)
 REQUIRED = ("arch", "num_classes", "width_mult")
 # Upper bounds of what metadata may ask for: a few bytes of metadata must not make teskd build a network or
 # an image of gigabytes before the weights are compared (ImageNet-21k has 21,841 classes; data.image_size is

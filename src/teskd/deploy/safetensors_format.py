@@ -74,8 +74,8 @@ def _header_metadata(data: bytes) -> dict[str, str]:
     return meta
 
 
-def export_teacher(method, path: Path, cfg, num_classes: int, classes=None) -> Path:
-    """A run's ``teacher.safetensors``: ``method.deploy_module`` only (no students, no training state)."""
+def export_deployed(method, path: Path, cfg, num_classes: int, classes=None) -> Path:
+    """A run's ``deployed.safetensors``: ``method.deploy_module`` only (no students, no training state)."""
     return save_safetensors(method.deploy_module, DeployInfo.from_config(cfg, num_classes, classes), path)
 
 

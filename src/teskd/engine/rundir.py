@@ -6,8 +6,9 @@ Layout::
     metrics.jsonl          one JSON object per finished epoch
     checkpoints/last.pt    written atomically after every epoch (and every N steps); .sha256 beside it
     checkpoints/last.prev.pt   the previous last.pt, kept until the next save
-    checkpoints/best.pt    the epoch with the best teacher top-1 on val (or test without val)
-    teacher.safetensors    the deployable backbone only (written at the end)
+    checkpoints/best.pt    the epoch with the best deployed top-1 on val (or test without val)
+    deployed.safetensors   the deployable network only (written at the end; teacher.safetensors in runs
+                           written before the rename, still found by deployed_file)
     summary.json           headline numbers (written at the end)
     curves.png             test top-1 per branch and the loss parts per epoch (written at the end)
     tensorboard/events.out.tfevents.*   with train.tensorboard=true: the epoch records as TensorBoard events
@@ -35,14 +36,15 @@ from teskd.errors import TeskdError
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
-TEACHER = "teacher.safetensors"
+DEPLOYED = "deployed.safetensors"
+OLD_DEPLOYED = "teacher.safetensors"  # its name before the teacher -> deployed rename
 CHECKPOINTS = "checkpoints"
 LOCK = ".teskd.lock"
 CURVES = "curves.png"
 TENSORBOARD = "tensorboard"
 EVENTS_PREFIX = "events.out.tfevents."  # the names TensorBoard's writer gives its files
 _CHECKPOINT_FILES = ("last.pt", "last.prev.pt", "best.pt")
-_TOP_FILES = (CONFIG, METRICS, SUMMARY, TEACHER, CURVES, LOCK)
+_TOP_FILES = (CONFIG, METRICS, SUMMARY, DEPLOYED, OLD_DEPLOYED, CURVES, LOCK)
 _OWN_FOLDERS = (CHECKPOINTS, TENSORBOARD)
 
 
@@ -53,13 +55,18 @@ class RunDir:
     config = property(lambda self: self.path / CONFIG)
     metrics = property(lambda self: self.path / METRICS)
     summary = property(lambda self: self.path / SUMMARY)
-    teacher = property(lambda self: self.path / TEACHER)
+    deployed = property(lambda self: self.path / DEPLOYED)  # where a run writes its export
     curves = property(lambda self: self.path / CURVES)
     tensorboard = property(lambda self: self.path / TENSORBOARD)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
     last = property(lambda self: self.path / CHECKPOINTS / "last.pt")
     best = property(lambda self: self.path / CHECKPOINTS / "best.pt")
     lock_file = property(lambda self: self.path / LOCK)
+
+    def deployed_file(self) -> Path | None:
+        """The run's exported deployed network: deployed.safetensors, or teacher.safetensors in a run written
+        before the rename; None when neither is there (the run has not finished)."""
+        return next((p for p in (self.deployed, self.path / OLD_DEPLOYED) if p.is_file()), None)
 
     def has_checkpoint(self) -> bool:
         return any((self.checkpoints / name).is_file() for name in ("last.pt", "last.prev.pt"))
@@ -103,22 +110,23 @@ class RunDir:
     def is_empty(self) -> bool:
         return not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
 
-    def check_replaceable(self) -> None:
-        """Raise unless ``--overwrite`` may replace this folder: a teskd run holding nothing else."""
+    def check_replaceable(self, overwrite: str = "--overwrite", out: str = "--out") -> None:
+        """Raise unless ``--overwrite`` may replace this folder: a teskd run holding nothing else. ``overwrite``,
+        ``out``: the options as the caller spells them (the Python API: ``overwrite``, ``out``)."""
         if self.is_empty():
             return
         foreign = self.foreign_entries()
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise TeskdError(f"refusing to --overwrite {self.path}: it is not a teskd run directory "
-                             f"(it holds {shown}, which teskd did not write); choose another --out")
+            raise TeskdError(f"refusing to {overwrite} {self.path}: it is not a teskd run directory "
+                             f"(it holds {shown}, which teskd did not write); choose another {out}")
         if not self.config.is_file():
-            raise TeskdError(f"refusing to --overwrite {self.path}: it has no {CONFIG}, so it is not a teskd run "
-                             f"directory; choose another --out")
+            raise TeskdError(f"refusing to {overwrite} {self.path}: it has no {CONFIG}, so it is not a teskd run "
+                             f"directory; choose another {out}")
 
     def clear(self) -> None:
         """Remove a previous run's files (caller holds the lock and has called ``check_replaceable``)."""
-        for name in (SUMMARY, CURVES, TEACHER, METRICS, CONFIG):
+        for name in (SUMMARY, CURVES, DEPLOYED, OLD_DEPLOYED, METRICS, CONFIG):
             fileio.remove(self.path / name)
         if self.checkpoints.is_dir():
             for entry in self.checkpoints.iterdir():

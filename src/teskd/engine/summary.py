@@ -11,6 +11,7 @@ from teskd.config import Config
 from teskd.errors import TeskdError
 from teskd.engine.runtime import Placement, precision_name
 from teskd.models import count_macs, count_params
+from teskd.runfiles import deployed_key
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,9 @@ class RunTotals:
 
 def summarise(records: list[dict], cfg: Config, method, place: Placement, image_size: int, totals: RunTotals,
               metrics_path: Path, run_dir: Path) -> dict:
-    """Numbers of the deployed branch (``teacher_*`` keys, whatever the method calls it)."""
+    """Numbers of the deployed branch (``deployed_*`` keys, whatever the method calls it; ``deployed_branch``
+    names it). A run resumed across the teacher -> deployed rename has old records that call it ``teacher``:
+    each record is read with :func:`teskd.runfiles.deployed_key`."""
     if not records:
         raise TeskdError(f"no finished epoch in {run_dir}; nothing to summarise")
     branch = method.deploy_branch
@@ -43,13 +46,14 @@ def summarise(records: list[dict], cfg: Config, method, place: Placement, image_
         "width_mult": cfg.model.width_mult,
         "seed": cfg.train.seed,
         "epochs": last["epoch"],
-        "teacher_top1_last": last["test_acc"][branch],
-        "teacher_top5_last": last["test_top5"][branch],
-        "teacher_top1_best": best["test_acc"][branch],
+        "deployed_branch": branch,
+        "deployed_top1_last": last["test_acc"][deployed_key(last, branch)],
+        "deployed_top5_last": last["test_top5"][deployed_key(last, branch)],
+        "deployed_top1_best": best["test_acc"][deployed_key(best, branch)],
         "best_epoch": totals.best_epoch,
         "selected_on": "val" if totals.has_val else "test",
         # the paper's protocol: the maximum test accuracy over epochs (optimistic; for comparison only)
-        "teacher_top1_max_test": max(r["test_acc"][branch] for r in records),
+        "deployed_top1_max_test": max(r["test_acc"][deployed_key(r, branch)] for r in records),
         "test_acc_last": last["test_acc"],
         **cost(method, image_size),
         "train_images_per_sec": images / seconds if seconds else None,  # JSON has no NaN (runfiles refuses it)
@@ -60,7 +64,7 @@ def summarise(records: list[dict], cfg: Config, method, place: Placement, image_
         "torch": torch.__version__,
     }
     if totals.has_val:
-        summary["teacher_val_top1_best"] = best["val_acc"][branch]
+        summary["deployed_val_top1_best"] = best["val_acc"][deployed_key(best, branch)]
     return summary
 
 

@@ -1,7 +1,7 @@
 """Helpers shared by the auxiliary-classifier baselines (BYOT, DKS): sizes read from ``stage_info`` only.
 
 The exits are named after the stage they read: ``exit1``..``exit3`` (shallow to deep); the backbone's
-own head is ``teacher`` (the deployed network).
+own head is the deployed network (BYOT: ``teacher``, which the exits learn from; DKS: ``deployed``).
 """
 
 from __future__ import annotations

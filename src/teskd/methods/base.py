@@ -6,7 +6,12 @@ A method is an ``nn.Module`` whose ``forward`` does all trainable work, so
 * training mode: ``method(images, labels, index)`` returns a :class:`StepOutput` (the loss,
   its named parts, and every branch's logits);
 * eval mode: ``method(images)`` returns ``{branch: scores}``; ``deploy_branch`` names the
-  branch that ships (TESKD: ``teacher``) and ``deploy_module`` is that network alone.
+  branch that ships and ``deploy_module`` is that network alone. The branch is named for its role:
+  ``teacher`` where it teaches the other branches (TESKD, BYOT), ``student`` where a separate teacher
+  teaches it (KD), the role the method's paper gives it among peers (DML ``peer1``, ONE ``branch1``,
+  OKDDip ``leader``, FRSKD ``classifier``), and ``deployed`` (the default) for a single network (CE,
+  label smoothing, CS-KD, PS-KD) or one whose branches teach each other alike (DKS). Runs written
+  before this naming call it ``teacher`` whatever the method (:func:`teskd.runfiles.deployed_key`).
 
 A method also says what the optimizer sees (:meth:`param_groups`; frozen modules stay out
 of it and in eval mode) and may replace the default training step, one backward and one
@@ -47,7 +52,7 @@ class Method(nn.Module):
 
     name: ClassVar[str]
     params_class: ClassVar[type[MethodParams]]
-    deploy_branch: ClassVar[str] = "teacher"
+    deploy_branch: ClassVar[str] = "deployed"
     # "same_class": the training loader yields 2B images per batch, sample i followed (at i + B) by a
     # random training sample of the same class (possibly itself), as CS-KD's pair sampler does
     batch_pairing: ClassVar[str | None] = None

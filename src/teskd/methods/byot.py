@@ -28,7 +28,7 @@ The authors' code trains with AutoAugment and Cutout by default (the spec attrib
 luanyunteng code, whose loader has only crop + flip); augmentation is not part of the method and is
 not applied here. Exits are initialised like the reference
 codes' (He fan-out convs, BN 1/0). The final head is the backbone's own: ``deploy_module`` is the
-plain backbone.
+plain backbone, and its branch is ``teacher``, since it teaches the exits (the soft targets above).
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ class SepConvExit(nn.Module):
 class BYOT(Method):
     name = "byot"
     params_class = ByotParams
+    deploy_branch = "teacher"  # the final head: the exits learn from it
 
     def __init__(self, backbone, num_classes: int, params: ByotParams, input_size: int = 32):
         super().__init__(backbone, num_classes, params, input_size)

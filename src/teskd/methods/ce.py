@@ -31,7 +31,7 @@ class CE(Method):
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor, index=None) -> StepOutput:
         logits = self.backbone(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.params.label_smoothing)
-        return StepOutput(loss=loss, parts={"ce": loss.detach()}, logits={"teacher": logits})
+        return StepOutput(loss=loss, parts={"ce": loss.detach()}, logits={self.deploy_branch: logits})
 
     def forward_eval(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"teacher": self.backbone(images)}
+        return {self.deploy_branch: self.backbone(images)}

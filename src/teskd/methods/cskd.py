@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from teskd.config import MethodParams
+from teskd.losses import soft_kl
 from teskd.errors import TeskdError
 from teskd.methods.base import Method, StepOutput, register_method
 
@@ -33,14 +34,6 @@ class CskdParams(MethodParams):
 
     def validate(self) -> None:
         self.require(positive=["temperature"], non_negative=["kd_weight"])
-
-
-def cskd_kl(logits: torch.Tensor, partner_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * sum KL(sg softmax(z'/T) || softmax(z/T)) / B``: the class-wise term, a mean over the B pairs."""
-    t = temperature
-    log_q = F.log_softmax(logits.float() / t, dim=1)
-    log_p = F.log_softmax(partner_logits.detach().float() / t, dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum() * (t * t) / logits.shape[0]
 
 
 def split_pairs(images: torch.Tensor, labels: torch.Tensor) -> int:
@@ -68,9 +61,9 @@ class CSKD(Method):
         with torch.no_grad():
             partner = self.backbone(images[b:])
         ce = F.cross_entropy(logits.float(), labels[:b])
-        kd = self.params.kd_weight * cskd_kl(logits, partner, self.params.temperature)
-        return StepOutput(loss=ce + kd, parts={"ce": ce.detach(), "kd": kd.detach()}, logits={"teacher": logits},
+        kd = self.params.kd_weight * soft_kl(logits, partner, self.params.temperature)
+        return StepOutput(loss=ce + kd, parts={"ce": ce.detach(), "kd": kd.detach()}, logits={"deployed": logits},
                           labels=labels[:b])
 
     def forward_eval(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"teacher": self.backbone(images)}
+        return {"deployed": self.backbone(images)}

@@ -2,7 +2,7 @@
 stages and dense pairwise knowledge matching among all classifiers.
 
 Loss (reference code sundw2014/DKS, ``wrn_DKS/main.py`` and ``KL_divergence.py``), over the branches
-b = exits + the backbone's head (``teacher``), weights 1, T = 1::
+b = exits + the backbone's head (``deployed``), weights 1, T = 1::
 
     sum_i [ CE(z_i) + sum_{j != i} KL(sg p_j || p_i) ],   p = (softmax(z) + eps) / (1 + C eps),  eps = 1e-8
 
@@ -26,8 +26,9 @@ stride reduction(j)/reduction(j-1)), built from the project's post-activation re
 * ``exit_stages`` (default 2, 3: after the 2nd and 3rd of four stages, as Self-KD-Lib's ResNets and the
   paper's ImageNet ResNets; the WRN code's "every stage but the last" is ``[1, 2, 3]``).
 
-The exits are named by the stage they read (``exit2``, ``exit3``); the backbone's head is ``teacher``
-and ``deploy_module`` is the plain backbone. Branch convs get the He fan-out init, BN 1/0.
+The exits are named by the stage they read (``exit2``, ``exit3``); the backbone's head is ``deployed``
+(every classifier teaches every other alike, so none is *the* teacher) and ``deploy_module`` is the plain
+backbone. Branch convs get the He fan-out init, BN 1/0.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class DKS(Method):
 
     def _branches(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         stages, logits, _ = self.backbone.forward_features(images)
-        out = {"teacher": logits}
+        out = {"deployed": logits}
         for s in self.exit_stages:
             out[exit_name(s)] = self.heads[exit_name(s)](pooled(self.exits[exit_name(s)](stages[s - 1])))
         return out

@@ -1,6 +1,6 @@
 """Deep mutual learning (Zhang et al., 2018; YingZhangDUT/Deep-Mutual-Learning) with two peers.
 
-The backbone is peer 1 (branch ``teacher``, the deployed network); peer 2 (branch ``peer2``) is a
+The backbone is peer 1 (branch ``peer1``, the deployed network); peer 2 (branch ``peer2``) is a
 second network, by default of the same architecture and width, starting from different random
 weights. Each peer k learns from the labels and from the other peer's prediction (T = 1):
 
@@ -35,8 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from teskd.config import MethodParams
+from teskd.losses import soft_kl
 from teskd.errors import TeskdError
 from teskd.methods.base import Method, StepOutput, register_method
+from teskd.models.backbones.base import Backbone
 
 
 @dataclass
@@ -57,13 +59,6 @@ class DMLParams(MethodParams):
                                  f"{', '.join(BACKBONES.names())}, or tv:NAME / timm:NAME")
 
 
-def mutual_kl(logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
-    """``KL(sg softmax(z_other) || softmax(z))`` summed over classes, averaged over the batch (T = 1)."""
-    log_q = F.log_softmax(logits.float(), dim=1)
-    log_p = F.log_softmax(other_logits.detach().float(), dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
-
-
 def reinitialise(module: nn.Module, weight_init=None) -> None:
     """Fresh random weights from the global RNG: every submodule's ``reset_parameters`` (PyTorch's default
     initialisation, BN statistics reset too), then the family's own ``weight_init`` if it has one."""
@@ -81,7 +76,8 @@ def build_peer(backbone: nn.Module, num_classes: int, arch: str | None, width: f
     record its registry name) a deep copy of the backbone with fresh random weights."""
     from teskd.models import build_backbone
 
-    own_arch, own_width = getattr(backbone, "arch", None), getattr(backbone, "width_mult", None)
+    # a Backbone knows the registry name and width that built it; any other network is copied
+    own_arch, own_width = (backbone.arch, backbone.width_mult) if isinstance(backbone, Backbone) else (None, None)
     if arch is None and width is None and own_arch is None:
         peer = copy.deepcopy(backbone)
         reinitialise(peer, type(backbone).weight_init if hasattr(type(backbone), "weight_init") else None)
@@ -101,6 +97,7 @@ def build_peer(backbone: nn.Module, num_classes: int, arch: str | None, width: f
 class DML(Method):
     name = "dml"
     params_class = DMLParams
+    deploy_branch = "peer1"
 
     def __init__(self, backbone, num_classes: int, params: DMLParams, input_size: int = 32):
         super().__init__(backbone, num_classes, params, input_size)
@@ -111,9 +108,9 @@ class DML(Method):
         z1 = self.backbone(images)
         z2 = self.peer2(images)
         ce = F.cross_entropy(z1.float(), labels) + F.cross_entropy(z2.float(), labels)
-        kl = mutual_kl(z1, z2) + mutual_kl(z2, z1)
+        kl = soft_kl(z1, z2) + soft_kl(z2, z1)
         return StepOutput(loss=ce + kl, parts={"ce": ce.detach(), "kl": kl.detach()},
-                          logits={"teacher": z1, "peer2": z2})
+                          logits={"peer1": z1, "peer2": z2})
 
     def forward_eval(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"teacher": self.backbone(images), "peer2": self.peer2(images)}
+        return {"peer1": self.backbone(images), "peer2": self.peer2(images)}

@@ -5,7 +5,7 @@ DepthConvBlock``, ``distill_loss/AT.py``, ``distill_loss/KD.py``, ``utils.py: tr
 command: ``--alpha 2 --beta 100``, defaults ``--bifpn BiFPNc --width 2 --depth 2 --repeat 1
 --temperature 4``, all four stages).
 
-The classifier is the backbone ("teacher" branch, deployed). The self-teacher ("self_teacher") reads
+The classifier is the backbone ("classifier" branch, deployed). The self-teacher ("self_teacher") reads
 its post-ReLU stage features f_1..f_4 (channels C_1..C_4) and is one BiFPNc layer: level k has
 width W_k = width x C_k (BiFPNc keeps each level's own channel count, times ``width``; it is not one
 common width), with
@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from teskd.config import MethodParams
+from teskd.losses import soft_kl
 from teskd.methods._auxiliary import pooled
 from teskd.methods.base import Method, StepOutput, register_method
 
@@ -63,14 +64,6 @@ def attention_map(f: torch.Tensor) -> torch.Tensor:
 def attention_transfer(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """mean over batch and positions of (at(f) - at(sg g))^2 (the official ``at_loss``)."""
     return (attention_map(f) - attention_map(g.detach())).pow(2).mean()
-
-
-def soft_kl(logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(sg softmax(target/T) || softmax(logits/T)), summed over classes, averaged over the batch."""
-    t = temperature
-    log_q = F.log_softmax(logits.float() / t, dim=1)
-    p = F.softmax(target_logits.detach().float() / t, dim=1)
-    return F.kl_div(log_q, p, reduction="sum") * (t * t) / logits.shape[0]
 
 
 def _pointwise(cin: int, cout: int) -> nn.Sequential:
@@ -169,6 +162,7 @@ class FrskdParams(MethodParams):
 class FRSKD(Method):
     name = "frskd"
     params_class = FrskdParams
+    deploy_branch = "classifier"  # the paper's name; the self-teacher teaches it
 
     def __init__(self, backbone, num_classes: int, params: FrskdParams, input_size: int = 32):
         super().__init__(backbone, num_classes, params, input_size)
@@ -190,8 +184,8 @@ class FRSKD(Method):
         parts = {"ce": ce, "kd": p.alpha * kd, "feat": p.beta * feat}
         loss = parts["ce"] + parts["kd"] + parts["feat"]
         return StepOutput(loss=loss, parts={k: v.detach() for k, v in parts.items()},
-                          logits={"teacher": logits, "self_teacher": st_logits})
+                          logits={"classifier": logits, "self_teacher": st_logits})
 
     def forward_eval(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         logits, _, st_logits, _ = self._branches(images)
-        return {"teacher": logits, "self_teacher": st_logits}
+        return {"classifier": logits, "self_teacher": st_logits}

@@ -6,14 +6,15 @@ network teaches the backbone.
 with the KL summed over classes and averaged over the batch (``batchmean``, no epsilon). Defaults:
 T = 4, ce_weight = 0.1, kd_weight = 0.9.
 
-The pretrained network (branch ``kd_teacher``) comes from ``method.teacher``: a teskd run directory
-(its ``checkpoints/<teacher_checkpoint>.pt``), a checkpoint ``.pt`` or a ``teacher.safetensors``
-export. It is rebuilt from the file's own architecture and width (the checkpoint's config, or the
-export's metadata) and loaded with teskd's loaders, which never unpickle code. It never trains: it
-is a frozen module (outside the optimizer, kept in eval mode, ``requires_grad`` off, run under
-``no_grad``). Its weights are part of this method's state dict, so checkpoints hold the exact
-teacher used; it is evaluated each epoch (for reference) but never deployed: the backbone
-(branch ``teacher``, the project's name for the deployed network) is.
+The pretrained network (branch ``teacher``; its module is ``kd_teacher``) comes from ``method.teacher``: a
+teskd run directory (its ``checkpoints/<teacher_checkpoint>.pt``), a checkpoint ``.pt`` or a
+``deployed.safetensors`` (or older ``teacher.safetensors``) export. It is rebuilt from the file's own
+architecture and width (the checkpoint's config, or the export's metadata) and loaded with teskd's
+loaders, which never unpickle code. It never trains: it is a frozen module (outside the optimizer,
+kept in eval mode, ``requires_grad`` off, run under ``no_grad``). Its weights are part of this
+method's state dict, so checkpoints hold the exact teacher used; it is evaluated each epoch (for
+reference) but never deployed: the backbone (branch ``student``) is. Runs written before this naming
+call the student ``teacher`` and the teacher ``kd_teacher``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from teskd.config import MethodParams
+from teskd.losses import soft_kl
 from teskd.errors import TeskdError
 from teskd.methods.base import Method, StepOutput, register_method
 
@@ -52,16 +54,6 @@ class KDParams(MethodParams):
         self.require(positive=["temperature"], non_negative=["ce_weight", "kd_weight"])
 
 
-def hinton_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``, summed over classes, averaged over the batch.
-
-    The teacher's logits are detached here (the target is a constant)."""
-    t = temperature
-    log_q = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean() * (t * t)
-
-
 def load_pretrained_teacher(target: str, which: str, num_classes: int) -> tuple[nn.Module, str]:
     """The deployed network of a run directory, checkpoint or teacher.safetensors; returns (module, description)."""
     from teskd.deploy.source import load_deployed
@@ -81,6 +73,7 @@ def load_pretrained_teacher(target: str, which: str, num_classes: int) -> tuple[
 class KD(Method):
     name = "kd"
     params_class = KDParams
+    deploy_branch = "student"
 
     def __init__(self, backbone, num_classes: int, params: KDParams, input_size: int = 32):
         super().__init__(backbone, num_classes, params, input_size)
@@ -108,11 +101,11 @@ class KD(Method):
         logits_t = self._teacher_logits(images)
         logits_s = self.backbone(images)
         ce = F.cross_entropy(logits_s.float(), labels)
-        kd = hinton_kl(logits_s, logits_t, p.temperature)
+        kd = soft_kl(logits_s, logits_t, p.temperature)
         parts = {"ce": p.ce_weight * ce, "kd": p.kd_weight * kd}
         loss = parts["ce"] + parts["kd"]
         return StepOutput(loss=loss, parts={k: v.detach() for k, v in parts.items()},
-                          logits={"teacher": logits_s, "kd_teacher": logits_t})
+                          logits={"student": logits_s, "teacher": logits_t})
 
     def forward_eval(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"teacher": self.backbone(images), "kd_teacher": self._teacher_logits(images)}
+        return {"student": self.backbone(images), "teacher": self._teacher_logits(images)}

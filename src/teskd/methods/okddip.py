@@ -6,7 +6,7 @@ Official code: DefangChen/OKDDip-AAAI2020 (``models/model_cifar/resnet_GL.py`` /
 
     t3 = stages 1-3 (shared, the backbone's own)
     peer j = 1..n ("peer<j>"): fresh copies of stage 4 + head; f_j = gap(stage4_j(t3)), z_j = head_j(f_j)
-    leader ("teacher", deployed): the backbone's own stage 4 + head, z_l
+    leader ("leader", deployed): the backbone's own stage 4 + head, z_l
 
 Attention (the official forward): one query and one key projection shared by the peers, both
 ``Linear(C, C // 8, bias=False)`` on the peer's pooled feature f_j (the head's input; C = the last
@@ -90,6 +90,7 @@ class OkddipParams(MethodParams):
 class OKDDip(Method):
     name = "okddip"
     params_class = OkddipParams
+    deploy_branch = "leader"
 
     def __init__(self, backbone, num_classes: int, params: OkddipParams, input_size: int = 32):
         super().__init__(backbone, num_classes, params, input_size)
@@ -126,12 +127,12 @@ class OKDDip(Method):
         ce, kd = okddip_loss(leader, peers, targets, labels, p.temperature, p.kl_eps)
         parts = {"ce": ce, "kd": p.alpha * self.kd_ramp * kd}
         loss = parts["ce"] + parts["kd"]
-        logits = {"teacher": leader, **dict(zip(self.peer_names(), peers.unbind(dim=1)))}
+        logits = {"leader": leader, **dict(zip(self.peer_names(), peers.unbind(dim=1)))}
         return StepOutput(loss=loss, parts={k: v.detach() for k, v in parts.items()}, logits=logits)
 
     def forward_eval(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         leader, peers, _ = self._branches(images)
-        out = {"teacher": leader, **dict(zip(self.peer_names(), peers.unbind(dim=1)))}
+        out = {"leader": leader, **dict(zip(self.peer_names(), peers.unbind(dim=1)))}
         if self.params.num_peers > 1:
             out["peers_ensemble"] = peers.mean(dim=1)
         return out

@@ -4,7 +4,7 @@ Official code: Lan1991Xu/ONE_NeurIPS2018 (``models/cifar/resnet.py: ONE_ResNet``
 ``loss/kl_loss.py``). On a 4-stage backbone the network branches before stage 4::
 
     t3 = stages 1-3 (shared, the backbone's own)
-    branch 1 ("teacher", deployed): the backbone's own stage 4 + head
+    branch 1 ("branch1", deployed): the backbone's own stage 4 + head
     branch i = 2..m ("branch<i>"):  fresh copies of stage 4 + head (same structure, re-initialised)
     gate     = softmax(relu(bn1d(fc(gap(t3)))))           # (B, m); sees the pooled *input* of the
                                                           # branching point, as the official gate reads
@@ -59,8 +59,8 @@ def fresh_copy(module: nn.Module, init: Callable[[nn.Module], None] | None = Non
 
 def last_stage_and_head(backbone: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The backbone's stage-4 module and its head module (the templates of the extra branches)."""
-    if not getattr(backbone, "splittable", True):
-        raise TeskdError(f"{getattr(backbone, 'arch', type(backbone).__name__)} runs as one library network, "
+    if not backbone.splittable:
+        raise TeskdError(f"{backbone.arch or type(backbone).__name__} runs as one library network, "
                          f"so its stage 4 and head cannot be copied into branches (ONE, OKDDip); use a method "
                          f"that reads stage maps (teskd, byot, dks, frskd) or plain ones (ce, kd, dml, ...)")
     return getattr(backbone, backbone.stage_info[-1].module), getattr(backbone, backbone.head_name)
@@ -114,6 +114,7 @@ class OneParams(MethodParams):
 class ONE(Method):
     name = "one"
     params_class = OneParams
+    deploy_branch = "branch1"  # the paper's branches are peers; the backbone's own is the first
 
     def __init__(self, backbone, num_classes: int, params: OneParams, input_size: int = 32):
         super().__init__(backbone, num_classes, params, input_size)
@@ -134,7 +135,7 @@ class ONE(Method):
         self.kd_ramp.fill_(sigmoid_ramp(self.epoch, self.params.ramp_epochs))
 
     def branch_names(self) -> list[str]:
-        return ["teacher", *(f"branch{i}" for i in range(2, self.params.num_branches + 1))]
+        return [f"branch{i}" for i in range(1, self.params.num_branches + 1)]
 
     def _branches(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Every branch's logits and the gated ensemble's logits."""

@@ -114,7 +114,7 @@ class PSKD(Method):
         with torch.no_grad():  # every rank's rows (the ranks' batches have equal sizes at every step)
             probs = F.softmax(logits.detach().float(), dim=1)
             self.predictions[distributed.all_gather_cat(index)] = distributed.all_gather_cat(probs)
-        return StepOutput(loss=loss, parts={"ce": loss.detach()}, logits={"teacher": logits})
+        return StepOutput(loss=loss, parts={"ce": loss.detach()}, logits={"deployed": logits})
 
     def forward_eval(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"teacher": self.backbone(images)}
+        return {"deployed": self.backbone(images)}

@@ -125,17 +125,17 @@ def restore_bn_buffers(module: torch.nn.Module):
 class TESKD(Method):
     name = "teskd"
     params_class = TeskdParams
+    deploy_branch = "teacher"  # TESKD's backbone really is the students' teacher
 
     def __init__(self, backbone, num_classes: int, params: TeskdParams, input_size: int = 32):
         super().__init__(backbone, num_classes, params, input_size)
-        levels = list(params.levels if params.levels is not None
-                      else getattr(backbone, "default_student_levels", LEVELS))
+        levels = list(params.levels if params.levels is not None else backbone.default_student_levels)
         names = {f"student{lvl}" for lvl in levels}
         unknown = sorted(k for k in params.branch_ce_weights if k != "teacher" and k not in names)
         if unknown:
             raise TeskdError(f"method.branch_ce_weights has {', '.join(unknown)}, but the students are levels {levels}")
         width = resolve_student_width(params.student_width, backbone.stage_info,
-                                      default=getattr(backbone, "default_student_width", "faithful"))
+                                      default=backbone.default_student_width)
         # initialised like the backbone, as the official models run their init over every module
         self.students = HierarchicalStudents(backbone.stage_info, num_classes, width=width,
                                              levels=levels, input_size=input_size,
