@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,31 @@ def find_data(name: str, marker: str) -> Path:
 
 
 SHARED_CIFAR100 = find_data("cifar100", "train.npz")
+
+
+@pytest.fixture(autouse=True)
+def registries_unchanged():
+    """Whatever a test registers (a method, backbone, dataset or export format) is gone after it, and what
+    it removes is back: no test sees another's entries. Entries a whole module needs are registered by a
+    module-scoped fixture there (set up before this snapshot)."""
+    from teskd.data.registry import DATASETS
+    from teskd.deploy.formats import FORMATS
+    from teskd.models.registry import BACKBONES
+    from teskd.registry import METHODS
+
+    registries = (METHODS, BACKBONES, DATASETS, FORMATS)
+    for registry in registries:
+        registry.names()  # the built-ins first: importing them during the test must not count as the test's
+    saved = [registry.snapshot() for registry in registries]
+    modules = set(sys.modules)
+    yield
+    for registry, entries in zip(registries, saved):
+        registry.restore(entries)
+    # a plug-in of tests/ that the test imported (TESKD_PLUGINS) registered itself on import: forget the module
+    # too, so that the next test's import registers it again
+    for name in set(sys.modules) - modules:
+        if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(REPO / "tests")):
+            del sys.modules[name]
 
 
 @pytest.fixture

@@ -150,8 +150,8 @@ DAMAGED_SUMMARIES = {
     "out of range": ('{"teacher_top1_last": 1e999}', "is refused: the number 1e999 is out of range"),
     "huge integer": ('{"epochs": ' + "9" * 400 + "}", "is refused: an integer of 400 digits (at most 20)"),
     "deep": ("[" * 200_000 + "]" * 200_000, "is refused: nested more than 32 levels deep"),
-    "deep in a string": ('{"method": "' + "[" * 100 + '"}', "is not a teskd summary: epochs, teacher_top1_last, "
-                                                           "teacher_top1_best, selected_on missing"),
+    "deep in a string": ('{"method": "' + "[" * 100 + '"}', "is not a teskd summary: epochs, deployed_top1_last, "
+                                                           "deployed_top1_best, selected_on missing"),
     "text top-1": (json.dumps(summary(teacher_top1_last="high")),
                    "is not a teskd summary: teacher_top1_last should be a finite number, got 'high'"),
     "text epochs": (json.dumps(summary(epochs="3")),
@@ -358,12 +358,12 @@ def test_predict_cli_escapes_image_names(real_run, tmp_path, capsys):
     images.mkdir()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(images / f"red{ESC}.png")
     (images / f"broken{ESC}.png").write_bytes(b"not a png")
-    code, out, err = cli(capsys, "predict", real_run / "teacher.safetensors", images, "--topk", "1")
+    code, out, err = cli(capsys, "predict", real_run / "deployed.safetensors", images, "--topk", "1")
     assert code == 0, err
     assert "\x1b" not in out + err
     assert len(out.splitlines()) == 1 and out.startswith(f"{images}/red{ESC_SHOWN}.png  ")
     assert len(err.splitlines()) == 1 and err.startswith(f"skipped {images}/broken{ESC_SHOWN}.png: ")
-    code, out, _ = cli(capsys, "predict", real_run / "teacher.safetensors", images, "--json")
+    code, out, _ = cli(capsys, "predict", real_run / "deployed.safetensors", images, "--json")
     result = json.loads(out)
     assert [r["file"] for r in result["results"]] == [str(images / f"red{ESC}.png")]
     assert [s["file"] for s in result["skipped"]] == [str(images / f"broken{ESC}.png")]
@@ -474,9 +474,9 @@ def test_sweep_grid_too_large_is_one_line_before_expanding(tmp_path, capsys, key
 
 
 def test_sweep_cap_counts_variants_grid_and_seeds(tmp_path, capsys, monkeypatch):
-    import teskd.sweep
+    import teskd.sweep_plan
 
-    monkeypatch.setattr(teskd.sweep, "MAX_PLANNED_RUNS", 8)
+    monkeypatch.setattr(teskd.sweep_plan, "MAX_PLANNED_RUNS", 8)
     doc = dict(out=str(tmp_path / "runs"), base=CE, runs={"a": {}, "b": {}}, grid={"train.epochs": [1, 2]})
     code, out, _ = cli(capsys, "sweep", write_sweep(tmp_path / "s.yaml", **doc, seeds=[0, 1]), "--list")
     assert code == 0 and len(out.splitlines()) == 8  # exactly the cap

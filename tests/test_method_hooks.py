@@ -27,7 +27,6 @@ class HookParams(MethodParams):
     name: str = "test_hooks"
 
 
-@register_method
 class Hooks(Method):
     """Counts how often each training sample was seen, in state outside the network."""
 
@@ -57,10 +56,10 @@ class Hooks(Method):
         self.seen.index_add_(0, index[:half].cpu(), torch.ones(half, dtype=torch.int64))
         logits = self.backbone(images[:half])
         loss = F.cross_entropy(logits, labels[:half])
-        return StepOutput(loss, {"ce": loss.detach()}, {"teacher": logits}, labels=labels[:half])
+        return StepOutput(loss, {"ce": loss.detach()}, {"deployed": logits}, labels=labels[:half])
 
     def forward_eval(self, images):
-        return {"teacher": self.backbone(images)}
+        return {"deployed": self.backbone(images)}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +79,7 @@ def test_hooks_are_called_and_training_state_survives_resume(data, tmp_path):
     assert first.method.seen.tolist() == [1] * 20  # every sample once per epoch, partners not counted
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     # accuracy is counted on the labels the method scored: 20 images, not 40
-    assert 0 <= records[0]["train_acc"]["teacher"] <= 100
+    assert 0 <= records[0]["train_acc"]["deployed"] <= 100
 
     Hooks.calls = []
     second = assemble(load_config(None, [*args, "train.epochs=2"]), run, resume=True)
@@ -155,8 +154,9 @@ def test_pairing_needs_labels_for_every_sample():
 
 
 def test_summary_counts_trained_and_deployed_cost(data, tmp_path):
-    from test_engine_seams import FrozenTeacher  # noqa: F401  (registers test_frozen_teacher)
+    from test_engine_seams import FrozenTeacher
 
+    register_method(FrozenTeacher)  # removed after this test by conftest's registries_unchanged
     trainer = assemble(load_config(None, [*train_args(data), "method.name=test_frozen_teacher",
                                          "train.epochs=1"]), tmp_path / "kd")
     summary = trainer.run()
@@ -179,3 +179,15 @@ def test_teskd_kd_ramp_scales_only_the_kd_part():
     scale = math.exp(-5 * (1 - 2 / 8) ** 2)
     assert parts[8]["kd"].item() == pytest.approx(parts[0]["kd"].item() * scale, rel=1e-5)
     assert parts[8]["ce"].item() == pytest.approx(parts[0]["ce"].item(), rel=1e-6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def test_methods_registered():
+    """This file's methods, registered while its tests run (and removed after: conftest's snapshot)."""
+    from teskd.registry import METHODS
+
+    for method in (Hooks,):
+        register_method(method)
+    yield
+    for method in (Hooks,):
+        METHODS.unregister(method.name)

@@ -53,7 +53,7 @@ def tiny_dataset(tmp_path):
                                            transforms=FolderTransforms(evaluation=CountingCrop),
                                            sizes=lambda cfg, spec: (CROP, RESIZE)))
     yield spec, tmp_path / "data"
-    DATASETS._entries.pop("tinyfolder")  # registries have no removal: this test's entry must not outlive it
+    DATASETS.unregister("tinyfolder")  # this test's entry must not outlive it
 
 
 def test_the_spec_answers_what_others_ask(tiny_dataset):
@@ -97,5 +97,7 @@ def test_a_registered_folder_dataset_trains_evaluates_reports_and_exports(tiny_d
     capsys.readouterr()
     assert main(["eval", str(out), f"data.root={root}", "data.workers=0", "--json"]) == 0
     from_export = json.loads(capsys.readouterr().out)
-    [(branch, accuracy)] = from_export["accuracy"].items()  # the deployed network's one branch
-    assert from_export["images"] == 6 and accuracy == evaluated["accuracy"][branch]
+    [(branch, accuracy)] = from_export["accuracy"].items()  # the export's one branch: "deployed"
+    deployed = json.loads((run / "summary.json").read_text())["deployed_branch"]  # the run's name for it
+    assert branch == "deployed" and deployed == "teacher"  # TESKD's
+    assert from_export["images"] == 6 and accuracy == evaluated["accuracy"][deployed]

@@ -11,7 +11,8 @@ import yaml
 from teskd.cli import main
 from teskd.config import load_config, to_dict
 from teskd.errors import TeskdError
-from teskd.sweep import grid_tag, load_sweep, override_text, run_status
+from teskd.sweep_plan import grid_tag, load_sweep, override_text
+from teskd.sweep_status import run_status
 
 from conftest import REPO
 
@@ -328,7 +329,7 @@ def test_collect_only_and_never_into_run_folders(tmp_path, capsys):
     path = write_sweep(tmp_path / "s.yaml", out=str(runs), base=CE, overrides=["train.epochs=3"], seeds=[0, 1],
                        runs={"ce": {}})
     fake_folder(runs / "ce-s0", ["train.epochs=3"], 3, summary_epochs=3, checkpoint=True)
-    (runs / "ce-s0" / "teacher.safetensors").write_bytes(b"w")
+    (runs / "ce-s0" / "deployed.safetensors").write_bytes(b"w")
     fake_folder(runs / "ce-s1", ["train.epochs=3"], 0)  # started, killed before its first epoch ended
     code, out, err = sweep_cli(capsys, path, "--collect", tmp_path / "res", "--no-run")
     assert code == 0, err

@@ -100,7 +100,6 @@ def _timed(fn, device: torch.device) -> float:
 
 
 def synthetic_batches(cfg: Config, device: torch.device, count: int = 1):
-    spec = get_dataset_spec(cfg.data.dataset)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     b, s = cfg.data.batch_size, input_size(cfg.data)
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format

@@ -3,14 +3,13 @@ get it ready to run (training, evaluation, ``teskd info``, ``teskd bench``, ``te
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from teskd.config import Config
 from teskd.engine import distributed, runtime
 from teskd.engine.checkpoint import build_with_weights
 from teskd.errors import TeskdError
+from teskd.log import log
 from teskd.data.pipeline import input_size
 from teskd.methods import Method, build_method
 from teskd.models import build_backbone
@@ -27,8 +26,8 @@ def build_model(cfg: Config, num_classes: int, pretrained: bool = False) -> Meth
     if pretrained and cfg.model.pretrained and next(backbone.parameters()).device.type != "meta":
         skipped = load_pretrained(backbone, cfg.model.pretrained)
         if skipped:
-            print(f"model.pretrained: {len(skipped)} head tensor(s) of another shape keep their fresh "
-                  f"initialisation ({', '.join(skipped)})", file=sys.stderr)
+            log.warning(f"model.pretrained: {len(skipped)} head tensor(s) of another shape keep their fresh "
+                        f"initialisation ({', '.join(skipped)})")
     size = input_size(cfg.data)
     try:
         return build_method(cfg.method.name, backbone, num_classes, cfg.method, size)

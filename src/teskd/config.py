@@ -247,6 +247,16 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def dotted(data: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}, "c": {}}`` -> ``{"a.b": 1, "c": {}}``: the dotted keys of ``key=value`` overrides (an
+    empty section stays a value, so that setting it to ``{}`` is a change too)."""
+    out = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        out.update(dotted(v, key + ".") if isinstance(v, dict) and v else {key: v})
+    return out
+
+
 def from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
     """Build and validate a Config from a mapping (a YAML file's, a checkpoint's), after ``key=value`` overrides."""
     _check_size(data, "the config")

@@ -19,8 +19,9 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, builtins: str, known: str = "known"):
-        self.kind, self.known = kind, known  # for messages: "unknown <kind> 'x'; <known>: a, b"
+    def __init__(self, kind: str, builtins: str, known: str = "known", more: str = ""):
+        # for messages: "unknown <kind> 'x'; <known>: a, b<more>" (more: names that need no registration)
+        self.kind, self.known, self.more = kind, known, more
         self.builtins = builtins
         self._entries: dict[str, T] = {}
 
@@ -32,6 +33,21 @@ class Registry(Generic[T]):
             return obj
 
         return decorator
+
+    def unregister(self, name: str) -> T:
+        """Remove and return an entry (for a test or notebook that registered one for a while)."""
+        try:
+            return self._entries.pop(name)
+        except KeyError as exc:
+            raise TeskdError(f"{self.kind} {name!r} is not registered") from exc
+
+    def snapshot(self) -> dict[str, T]:
+        return dict(self._entries)
+
+    def restore(self, entries: dict[str, T]) -> None:
+        """Back to a ``snapshot()``: what was registered since is gone, what was removed is back."""
+        self._entries.clear()
+        self._entries.update(entries)
 
     def _load(self) -> None:
         importlib.import_module(self.builtins)
@@ -50,7 +66,8 @@ class Registry(Generic[T]):
             return self._entries[name]
         except (KeyError, TypeError) as exc:
             shown = name if isinstance(name, str) and len(name) <= 80 else f"{str(name)[:77]}..."
-            raise TeskdError(f"unknown {self.kind} {shown!r}; {self.known}: {', '.join(self.names())}") from exc
+            raise TeskdError(f"unknown {self.kind} {shown!r}; {self.known}: {', '.join(self.names())}{self.more}") \
+                from exc
 
 
 METHODS: Registry = Registry("method.name", "teskd.methods", "known methods")

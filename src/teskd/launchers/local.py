@@ -102,7 +102,7 @@ class LocalLauncher:
         self.outcome: dict[str, str] = {}  # run name -> done | trained | failed | locked | stopped
 
     def run(self) -> list[tuple[str, str]]:
-        from teskd.sweep import run_status
+        from teskd.sweep_status import run_status
 
         pending, active, failures = [], [], []
         for run in self.runs:
@@ -157,7 +157,7 @@ class LocalLauncher:
         active.append(Child(run, slot, proc, log))
 
     def _progress(self, child: Child) -> None:
-        from teskd.sweep import run_status
+        from teskd.sweep_status import run_status
 
         status = run_status(child.run)
         if status.done != child.epoch:
@@ -165,7 +165,7 @@ class LocalLauncher:
             self.say(f"{child.run.name}: running, epoch {status.done}/{status.total}")
 
     def _finished(self, child: Child, failures: list) -> None:
-        from teskd.sweep import run_status
+        from teskd.sweep_status import run_status
 
         code, name = child.proc.returncode, child.run.name
         self.state.update(name, exit=code)

@@ -76,7 +76,7 @@ def make_executor(folder: Path, settings: dict, name: str):
 def submit_sweep(sweep, runs, launch, say: Callable[[str], None] = print) -> list:
     """Submit the runs that are neither done, nor trained elsewhere, nor already queued; one array job."""
     from teskd.launchers.slurm_job import TrainJob
-    from teskd.launchers.status import run_state
+    from teskd.launchers.run_state import run_state
 
     settings = slurm_settings(sweep, launch)
     state = SweepState(sweep.out)

@@ -8,7 +8,9 @@ from __future__ import annotations
 from teskd.models.backbones.base import Backbone
 from teskd.registry import Registry
 
-BACKBONES: Registry = Registry("architecture", "teskd.models")
+LIBRARY_NAMES = ", or tv:NAME / timm:NAME for torchvision/timm models"  # ends the list of known architectures
+
+BACKBONES: Registry = Registry("architecture", "teskd.models", more=LIBRARY_NAMES)
 register_backbone = BACKBONES.register
 
 
@@ -31,5 +33,5 @@ def build_backbone(arch: str, num_classes: int, width_mult: float = 1.0) -> Back
         backbone = library_backbone(arch, num_classes, width_mult)
     else:
         backbone = BACKBONES.get(arch)(num_classes, float(width_mult))
-    backbone.arch, backbone.width_mult = arch, float(width_mult)  # what built it (e.g. for a DML peer)
+    backbone.arch, backbone.width_mult = arch, float(width_mult)  # declared by Backbone: what built it
     return backbone

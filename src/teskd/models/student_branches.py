@@ -1,6 +1,6 @@
 """Cheaper auxiliary branches for TESKD's students (not in the paper; ``method.student_branch``).
 
-The faithful branch (``AuxiliaryBranch`` in ``students.py``, ``"conv"``) is a dense k x k,
+The faithful branch (``AuxiliaryBranch`` in ``student_blocks.py``, ``"conv"``) is a dense k x k,
 stride-k convolution followed by a 1x1 one, both C -> C: C·C·k² + C² weights, which at the
 faithful width (C = the last stage's channels) dominates the students. The branches here keep
 the same contract, so they replace it module for module (same name ``downsample{L}``, input and

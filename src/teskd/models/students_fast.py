@@ -25,16 +25,15 @@ k (``pad_to_patches``) before the patch product.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from teskd.models.student_blocks import AuxiliaryBranch, ConvBNReLU, UpsampleBlock
 from teskd.models.student_branches import pad_to_patches
 
-if TYPE_CHECKING:
-    from teskd.models.students import AuxiliaryBranch, ConvBNReLU, HierarchicalStudents, UpsampleBlock
 
 # The blocks' convolutions are bias-free (ConvBNReLU, UpsampleBlock), which rewrites 1 and 2 rely on.
 
@@ -43,15 +42,15 @@ def _bn_relu(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.relu(bn(x), inplace=True)
 
 
-def _conv_bn_relu(block: "ConvBNReLU", x: torch.Tensor) -> torch.Tensor:
+def _conv_bn_relu(block: ConvBNReLU, x: torch.Tensor) -> torch.Tensor:
     return _bn_relu(block.bn, block.conv(x))
 
 
-def _upsample(block: "UpsampleBlock", x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def _upsample(block: UpsampleBlock, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return _bn_relu(block.bn, block.resize(F.conv2d(x, block.conv.weight), size))  # rewrite 1: 1x1 conv first
 
 
-def _fuse(block: "ConvBNReLU", up: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
+def _fuse(block: ConvBNReLU, up: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
     weight = block.conv.weight  # (C, 2C, 1, 1) over cat[up + lateral, up]
     c = up.shape[1]
     w_a = weight[:, :c]
@@ -80,14 +79,14 @@ def patch_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(b, ho, wo, conv.out_channels).permute(0, 3, 1, 2)  # channels-last memory
 
 
-def _branch(block: "AuxiliaryBranch", x: torch.Tensor) -> torch.Tensor:
+def _branch(block: AuxiliaryBranch, x: torch.Tensor) -> torch.Tensor:
     y = _bn_relu(block.bn1, patch_conv(block.conv1, pad_to_patches(x, block.conv1.stride[0])))
     return _bn_relu(block.bn2, block.conv2(y))
 
 
-def fast_forward(students: "HierarchicalStudents",
+def fast_forward(students: nn.Module,
                  stages: Sequence[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Same result as ``students.forward_reference(stages)``."""
+    """Same result as ``students.forward_reference(stages)`` (``students``: a ``HierarchicalStudents``)."""
     fused: dict[int, torch.Tensor] = {}
     above = _conv_bn_relu(students.laterals["3"], stages[3])  # S4
     for level in range(3, students.levels[0] - 1, -1):

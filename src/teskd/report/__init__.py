@@ -9,7 +9,7 @@ from teskd.report.figures import LOSS_NOTE, draw_report, group_curves, plot_path
 from teskd.report.formats import FORMATS, format_report
 from teskd.report.groups import Group, group_runs
 from teskd.report.runs import RunInfo, RunRow, find_runs, read_run
-from teskd.report.settings import flatten, is_operational
+from teskd.report.settings import is_operational
 
-__all__ = ["FORMATS", "LOSS_NOTE", "Group", "RunInfo", "RunRow", "draw_report", "find_runs", "flatten",
+__all__ = ["FORMATS", "LOSS_NOTE", "Group", "RunInfo", "RunRow", "draw_report", "find_runs",
            "format_report", "group_curves", "group_runs", "is_operational", "plot_path", "plot_runs", "read_run"]

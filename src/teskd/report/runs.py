@@ -17,7 +17,8 @@ from teskd import runfiles
 from teskd.engine.metrics import MetricsLog
 from teskd.engine.rundir import CONFIG as CONFIG_NAME, METRICS, SUMMARY, RunDir
 from teskd.errors import TeskdError, one_line
-from teskd.report.settings import flatten, with_defaults
+from teskd.config import dotted
+from teskd.report.settings import with_defaults
 
 SUMMARY_KEYS = ("method", "epochs", "deployed_top1_last", "deployed_top1_best", "selected_on")  # the table's
 
@@ -204,7 +205,7 @@ def _read_config(run: RunDir, notes: list[str]) -> dict:
     except TeskdError as exc:
         notes.append(f"{exc}: the settings of {run.path} are unknown")
         return {}
-    return with_defaults(flatten(data))
+    return with_defaults(dotted(data))
 
 
 def _numbers(d) -> dict[str, float]:

@@ -20,15 +20,6 @@ def is_operational(key: str) -> bool:
     return key in OPERATIONAL_KEYS or key.startswith(OPERATIONAL_PREFIXES)
 
 
-def flatten(data: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (the dotted keys of ``key=value`` overrides)."""
-    out = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        out.update(flatten(v, key + ".") if isinstance(v, dict) and v else {key: v})
-    return out
-
-
 def render_value(value) -> str:
     """A setting's value as it would be written in an override (``true``, ``null``, ``[100,150]``)."""
     if value is UNSET:
@@ -41,10 +32,10 @@ def render_value(value) -> str:
 def with_defaults(flat: dict) -> dict:
     """The settings with today's defaults filled in: a config.yaml written by an older teskd lacks the settings
     added since, which had their default value (so they do not count as differing)."""
-    from teskd.config import load_config, to_dict
+    from teskd.config import dotted, load_config, to_dict
 
     try:
-        defaults = flatten(to_dict(load_config(None, [f"method.name={flat.get('method.name', 'teskd')}"])))
+        defaults = dotted(to_dict(load_config(None, [f"method.name={flat.get('method.name', 'teskd')}"])))
     except TeskdError:  # a method of a plug-in that is not loaded: fill in the non-method settings only
-        defaults = {k: v for k, v in flatten(to_dict(load_config(None, []))).items() if not k.startswith("method.")}
+        defaults = {k: v for k, v in dotted(to_dict(load_config(None, []))).items() if not k.startswith("method.")}
     return {**defaults, **flat}

@@ -46,6 +46,14 @@ class Backbone(nn.Module):
     # the family's official weight initialisation (None: PyTorch's defaults); the official
     # training models apply it to every module they hold, so it is exposed for reuse
     weight_init: ClassVar[Callable[[nn.Module], None] | None] = None
+    # what TESKD's students are on this backbone when the config does not say (method.levels,
+    # method.student_width): the paper's three at the faithful width; a family may choose otherwise
+    default_student_levels: ClassVar[tuple[int, ...]] = (1, 2, 3)
+    default_student_width: ClassVar[str] = "faithful"
+    # the registry name and width that built this network (``build_backbone`` records them, so that a method
+    # can build another of the same kind, e.g. DML's peer); None for a network built without the registry
+    arch: str | None = None
+    width_mult: float | None = None
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
