@@ -33,11 +33,11 @@ def test_info_exact_parameter_counts(capsys):
     code, out, _ = run_cli(capsys, "info", str(REPO / "configs/cifar100/resnet18_ce.yaml"), "--json")
     info = json.loads(out)
     assert info["params_train"] == info["params_deploy"] == 11_220_132
-    assert info["branches"] == "teacher" and info["deployed"].startswith("resnet18 (branch 'teacher')")
+    assert info["branches"] == "deployed" and info["deployed"].startswith("resnet18 (branch 'deployed')")
 
 
-@pytest.mark.parametrize("name, branches", [("one", "teacher, branch2, branch3, ensemble"),
-                                            ("dml", "teacher, peer2"), ("byot", "teacher, exit1, exit2, exit3")])
+@pytest.mark.parametrize("name, branches", [("one", "branch1, branch2, branch3, ensemble"),
+                                            ("dml", "peer1, peer2"), ("byot", "teacher, exit1, exit2, exit3")])
 def test_info_names_each_methods_branches_and_what_it_deploys(capsys, name, branches):
     code, out, _ = run_cli(capsys, "info", str(REPO / "configs/cifar100/resnet18_ce.yaml"), f"method.name={name}",
                            "--json")

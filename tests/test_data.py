@@ -284,14 +284,28 @@ def test_download_checksum_mismatch_deletes_file(tmp_path, monkeypatch):
         load_cifar("cifar100", root, train=True, download=True)
     msg = _one_line_error(excinfo)
     assert "checksum mismatch" in msg and "0" * 32 in msg and _md5(archive) in msg
-    assert list(root.iterdir()) == []  # neither the archive nor a partial file is left behind
+    assert not root.exists()  # neither the archive, a partial file nor the folder made for them is left behind
 
 
 def test_download_unreachable_url(tmp_path, monkeypatch):
     monkeypatch.setitem(cifar.URLS, "cifar100", (tmp_path / "missing.tar.gz").as_uri())
+    monkeypatch.delenv("TESKD_CIFAR100_URL", raising=False)
+    root = tmp_path / "data" / "cifar100"
+    with pytest.raises(TeskdError) as excinfo:
+        load_cifar("cifar100", root, train=True, download=True)
+    msg = _one_line_error(excinfo)
+    assert msg.startswith(f"could not download {(tmp_path / 'missing.tar.gz').as_uri()} (")
+    # what to do instead: the mirror variable, a copy by hand, or data the user has (TESKD_DATA, data.root)
+    assert "set TESKD_CIFAR100_URL to a mirror" in msg and f"extract it into {root}," in msg
+    assert "TESKD_DATA=FOLDER reads FOLDER/cifar100/" in msg and "data.root=FOLDER" in msg
+    assert not (tmp_path / "data").exists()  # both folders the download made are gone: no empty data/cifar100/
+    kept = tmp_path / "kept"
+    (kept / "cifar100").mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
     with pytest.raises(TeskdError, match="could not download"):
-        load_cifar("cifar100", tmp_path / "data", train=True, download=True)
-    assert list((tmp_path / "data").iterdir()) == []
+        load_cifar("cifar100", kept / "cifar100", train=True, download=True)
+    assert (kept / "cifar100").is_dir()  # a folder that was there before is not the download's to remove
+    assert (kept / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("bad_name", ["../evil", "/abs/evil", "cifar-100-python/../../evil"])

@@ -34,15 +34,15 @@ def cifar_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cifar_pngs(tmp_path_factory):
     """Six CIFAR-100 test images as PNG files (named by index), with their arrays."""
-    import torchvision.io as io
+    from PIL import Image
 
     if not (SHARED_CIFAR100 / "test.npz").is_file():
         pytest.skip(f"real CIFAR-100 not found at {SHARED_CIFAR100}")
     folder = tmp_path_factory.mktemp("pngs")
     with np.load(SHARED_CIFAR100 / "test.npz") as z:
         x = torch.from_numpy(z["x"][:6]).permute(0, 3, 1, 2).contiguous()
-    for i, image in enumerate(x):
-        io.write_png(image, str(folder / f"img{i}.png"))
+    for i, image in enumerate(x):  # PNG is lossless: the files hold exactly these pixels
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"img{i}.png")
     return folder, x
 
 
@@ -81,7 +81,7 @@ def test_metadata_round_trips_and_rejects_bad_values():
         assert "model.bin" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(TeskdError, match="lacks the metadata arch"):
         DeployInfo.from_metadata({k: v for k, v in meta.items() if k != "arch"}, "f")
-    # an older teacher.safetensors (no resize key): the crop is resized to itself
+    # an older export (no resize key): the crop is resized to itself
     old = {k: v for k, v in meta.items() if k not in ("resize", "config_hash")}
     assert DeployInfo.from_metadata(old, "f").resize == 32
 
@@ -112,8 +112,8 @@ def test_safetensors_export_is_the_backbone_with_what_a_deployer_needs(cifar_run
     from teskd.data.registry import get_dataset_spec
 
     assert (info.mean, info.std) == (get_dataset_spec("cifar100").mean, get_dataset_spec("cifar100").std)
-    # the run's own teacher.safetensors (written at the end of training) carries the same metadata
-    assert read_safetensors(cifar_run / "teacher.safetensors")[1] == info
+    # the run's own deployed.safetensors (written at the end of training) carries the same metadata
+    assert read_safetensors(cifar_run / "deployed.safetensors")[1] == info
 
 
 def test_export_refuses_to_overwrite_a_user_file_and_replaces_its_own(cifar_run, tmp_path):
@@ -134,7 +134,7 @@ def test_export_refuses_to_overwrite_a_user_file_and_replaces_its_own(cifar_run,
 def test_default_export_name_is_beside_the_caller(cifar_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["export", str(cifar_run), "--checkpoint", "best"]) == 0
-    assert (tmp_path / "run-teacher-best.safetensors").is_file()
+    assert (tmp_path / "run-deployed-best.safetensors").is_file()
 
 
 def test_torchvision_state_dict_loads_strictly_into_torchvision(tmp_path):
@@ -213,7 +213,7 @@ def test_export_killed_at_each_file_operation_leaves_the_old_or_the_new_export(c
 def test_predict_from_a_safetensors_export_alone_matches_the_trained_teacher(cifar_run, cifar_pngs, tmp_path,
                                                                              capsys):
     folder, images = cifar_pngs
-    export = tmp_path / "alone" / "teacher.safetensors"
+    export = tmp_path / "alone" / "deployed.safetensors"
     export.parent.mkdir()
     assert main(["export", str(cifar_run), "--out", str(export)]) == 0
     capsys.readouterr()
@@ -281,9 +281,9 @@ def test_predict_on_jpegs_equals_the_evaluation_pipeline(folder_run, tmp_path, c
                  "--json"]) == 0
     alone = json.loads(capsys.readouterr().out)
     assert main(["eval", str(folder_run), "--json"]) == 0
-    assert alone["accuracy"]["teacher"] == json.loads(capsys.readouterr().out)["accuracy"]["teacher"]
+    assert alone["accuracy"]["deployed"] == json.loads(capsys.readouterr().out)["accuracy"]["teacher"]  # TESKD's
     correct = sum(r["top"][0]["label"] == label for r, label in zip(got, y.tolist()))
-    assert alone["accuracy"]["teacher"]["top1"] == pytest.approx(100.0 * correct / len(got))
+    assert alone["accuracy"]["deployed"]["top1"] == pytest.approx(100.0 * correct / len(got))
 
 
 # --- the Python API ----------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def test_load_gives_the_same_network_from_run_checkpoint_and_export(cifar_run, c
     folder, images = cifar_pngs
     m_run, pre, classes = teskd.load(cifar_run)
     m_ckpt, _, _ = teskd.load(cifar_run / "checkpoints" / "last.pt")
-    m_st, pre_st, classes_st = teskd.load(cifar_run / "teacher.safetensors")
+    m_st, pre_st, classes_st = teskd.load(cifar_run / "deployed.safetensors")
     x = torch.stack([pre(folder / f"img{i}.png") for i in range(6)])
     with torch.no_grad():
         ref = _teacher_logits(cifar_run, images)
@@ -301,7 +301,7 @@ def test_load_gives_the_same_network_from_run_checkpoint_and_export(cifar_run, c
             assert not m.training and torch.equal(m(x), ref)
     assert classes == classes_st and len(classes) == 100
     assert "centre crop 32" in repr(pre_st)
-    top = teskd.predict(cifar_run / "teacher.safetensors", folder / "img1.png", topk=2)
+    top = teskd.predict(cifar_run / "deployed.safetensors", folder / "img1.png", topk=2)
     assert top[0]["top"][0]["label"] == int(ref[1].argmax())
     with pytest.raises(TeskdError, match="no such run directory"):
         teskd.load(cifar_run / "nothing")
@@ -317,7 +317,7 @@ def test_train_api_returns_the_summary_with_settings_as_keywords(tmp_path):
                           overrides=["train.epochs=1", "train.progress=false", "train.threads=1"])
     assert summary["run_dir"] == str(out) and summary["epochs"] == 1 and summary["seed"] == 3
     assert summary["eval_precision"] == "float32"
-    assert json.loads((out / "summary.json").read_text())["teacher_top1_last"] == summary["teacher_top1_last"]
+    assert json.loads((out / "summary.json").read_text())["deployed_top1_last"] == summary["deployed_top1_last"]
     cfg = load_config(out / "config.yaml")
     assert (cfg.data.subset_per_class, cfg.model.width_mult, cfg.train.seed) == (2, 0.125, 3)
     with pytest.raises(TeskdError, match="already exists"):
@@ -359,9 +359,9 @@ def test_compiled_exports_of_a_run_carry_the_metadata_and_predict_alike(fmt, cif
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # one self-contained file, no litter
     from teskd.deploy.source import load_deployed
 
-    assert load_deployed(out).info == read_safetensors(cifar_run / "teacher.safetensors")[1]
+    assert load_deployed(out).info == read_safetensors(cifar_run / "deployed.safetensors")[1]
     runs = {}
-    for model in (cifar_run / "teacher.safetensors", out):
+    for model in (cifar_run / "deployed.safetensors", out):
         assert main(["predict", str(model), str(folder), "--topk", "3", "--json"]) == 0
         runs[model.suffix] = json.loads(capsys.readouterr().out)["results"]
     ref, got = runs[".safetensors"], runs[f".{fmt}"]

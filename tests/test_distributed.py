@@ -111,8 +111,8 @@ def test_sharded_evaluation_counts_every_test_image_once(two, capsys, plugin):
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 11
     last = json.loads((two / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["test_acc"]["teacher"] == result["accuracy"]["teacher"]["top1"]
-    assert round(last["test_acc"]["teacher"] * 11 / 100, 6).is_integer()
+    assert last["test_acc"]["deployed"] == result["accuracy"]["deployed"]["top1"]
+    assert round(last["test_acc"]["deployed"] * 11 / 100, 6).is_integer()
 
 
 def test_two_processes_stopped_by_sigterm_resume_to_the_same_weights(data, tmp_path):
@@ -194,7 +194,7 @@ def test_two_processes_resumed_mid_epoch_log_the_whole_epochs_metrics(data, tmp_
     assert max_diff(full, run) == 0.0
 
 
-@pytest.mark.parametrize("name, branches", [("cskd", {"teacher"}), ("one", {"teacher", "branch2", "branch3",
+@pytest.mark.parametrize("name, branches", [("cskd", {"deployed"}), ("one", {"branch1", "branch2", "branch3",
                                                                              "ensemble"})])
 def test_methods_with_pairs_or_extra_branches_train_in_two_processes(data, tmp_path, name, branches):
     """CS-KD's pairs are drawn within each rank's shard (the method refuses a batch whose halves differ in
@@ -204,6 +204,18 @@ def test_methods_with_pairs_or_extra_branches_train_in_two_processes(data, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert set(record["test_acc"]) == branches
+    assert all(torch.isfinite(v.double()).all() for v in weights(run).values())
+
+
+def test_teskd_in_channels_last_gives_ddp_gradients_its_bucket_layout(data, tmp_path):
+    """TESKD's 1x1 fusion convolutions run on 1x1 features, where the CPU's backward gives gradients NCHW strides
+    and the parameters have NHWC ones (the same bytes): DDP warned "Grad strides do not match bucket view strides"
+    (a copy it flags as slow). The gradients now arrive with their parameters' strides, and training is as before."""
+    run = tmp_path / "teskd"
+    proc = torchrun(CONFIG.replace("resnet18_ce", "resnet18_teskd"), *args(data, "train.epochs=1")[1:],
+                    "model.arch=resnet18", "model.width_mult=0.125", "train.channels_last=true", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Grad strides do not match bucket view strides" not in proc.stderr, proc.stderr[-3000:]
     assert all(torch.isfinite(v.double()).all() for v in weights(run).values())
 
 

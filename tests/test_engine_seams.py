@@ -28,7 +28,6 @@ class TwoStepParams(MethodParams):
     name: str = "test_two_steps"
 
 
-@register_method
 class TwoSteps(Method):
     """Alternating updates as in DML: two optimizer steps per batch (here on two losses of one network)."""
 
@@ -38,10 +37,10 @@ class TwoSteps(Method):
 
     def forward_train(self, images, labels, index=None):
         logits = self.backbone(images)
-        return StepOutput(F.cross_entropy(logits, labels), {}, {"teacher": logits})
+        return StepOutput(F.cross_entropy(logits, labels), {}, {"deployed": logits})
 
     def forward_eval(self, images):
-        return {"teacher": self.backbone(images)}
+        return {"deployed": self.backbone(images)}
 
     def training_step(self, model, batch, opt):
         for _ in range(2):
@@ -59,7 +58,6 @@ class FrozenParams(MethodParams):
     name: str = "test_frozen_teacher"
 
 
-@register_method
 class FrozenTeacher(Method):
     """Classic KD's shape: a frozen (pretrained) teacher guides the trained network, which is deployed."""
 
@@ -131,7 +129,7 @@ def test_a_frozen_module_stays_out_of_the_optimizer_and_in_eval_mode(data, tmp_p
     for k, v in trainer.method.teacher.state_dict().items():  # BN running stats too: eval mode
         assert torch.equal(v, teacher_before[k]), k
     records = [json.loads(x) for x in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
-    assert summary["teacher_top1_last"] == records[-1]["test_acc"]["student"]  # the deployed branch
+    assert summary["deployed_top1_last"] == records[-1]["test_acc"]["student"]  # the deployed branch
 
 
 def test_a_trainer_leaves_process_settings_and_rngs_as_it_found_them(data, tmp_path):
@@ -152,6 +150,8 @@ def test_ddp_wraps_the_method_and_steps_like_the_method(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from teskd.engine.runtime import match_gradient_strides
+
     cfg = load_config(None, ["model.width_mult=0.0625", "data.dataset=cifar10"])
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     models = []
@@ -161,6 +161,8 @@ def test_ddp_wraps_the_method_and_steps_like_the_method(tmp_path):
             torch.manual_seed(0)
             method = build_model(cfg, 10).train()
             opt = Optimization(make_optimizer(method, cfg.optim), torch.device("cpu"), None)
+            if wrap:  # as prepare_model wraps it: gradients given their parameters' strides (no DDP layout warning)
+                match_gradient_strides(method)
             model = DistributedDataParallel(method) if wrap else method
             method.training_step(model, (x, y, None), opt)
             models.append(method.state_dict())
@@ -202,7 +204,7 @@ def test_the_trainer_does_only_what_its_callbacks_do_and_leaves_the_callers_conf
     assert checkpoint_minutes(load_config(None, ["data.dataset=imagefolder"])) == 30.0
     recorder = Recorder()
     summary = Trainer(assembled.parts, run, callbacks=[recorder]).run()
-    assert recorder.calls == [("start", 0, False), ("epoch", 1, ["teacher"]), ("epoch", 2, ["teacher"]),
+    assert recorder.calls == [("start", 0, False), ("epoch", 1, ["deployed"]), ("epoch", 2, ["deployed"]),
                               ("end", 2, [1, 2], 10), ("close",)]
     assert summary["epochs"] == 2 and summary["method"] == "ce"
     assert sorted(p.name for p in run.iterdir()) == [".teskd.lock", "checkpoints", "config.yaml", "metrics.jsonl"]
@@ -214,7 +216,6 @@ class OddPairingParams(MethodParams):
     name: str = "test_odd_pairing"
 
 
-@register_method
 class OddPairing(TwoSteps):
     name = "test_odd_pairing"
     params_class = OddPairingParams
@@ -257,3 +258,15 @@ def test_loaders_pair_batches_through_the_protocol():
         assert torch.equal(a.index, b.index) and torch.equal(a.labels[:half], a.labels[half:])
     with pytest.raises(TeskdError, match="^unknown batch pairing 'x'; known: same_class$"):
         loader(0).pair_batches("x")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def test_methods_registered():
+    """This file's methods, registered while its tests run (and removed after: conftest's snapshot)."""
+    from teskd.registry import METHODS
+
+    for method in (TwoSteps, FrozenTeacher, OddPairing,):
+        register_method(method)
+    yield
+    for method in (TwoSteps, FrozenTeacher, OddPairing,):
+        METHODS.unregister(method.name)

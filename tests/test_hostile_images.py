@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision.io
 from PIL import Image
 
 from teskd.cli import main
@@ -83,16 +82,18 @@ def _png_bomb(path: Path, width: int = 30000, height: int = 30000) -> Path:
 
 @pytest.fixture
 def no_bomb_decoding(monkeypatch):
-    """torchvision's decoder, refusing (failing the test) if it is ever handed a bomb: the pixel check must come
+    """The decoder, refusing (failing the test) if it is ever handed a bomb: the pixel check must come
     first. ``bombs`` collects the bytes of the bombs a test makes."""
-    real, bombs = torchvision.io.decode_image, []
+    from teskd.data import decode
 
-    def guarded(data, *args, **kwargs):
-        if isinstance(data, torch.Tensor) and any(data.numel() == len(b) and bytes(data.numpy()) == b for b in bombs):
+    real, bombs = decode._decode, []
+
+    def guarded(encoded: bytes):
+        if any(encoded == b for b in bombs):
             raise AssertionError("the decoder was handed a decompression bomb")
-        return real(data, *args, **kwargs)
+        return real(encoded)
 
-    monkeypatch.setattr(torchvision.io, "decode_image", guarded)
+    monkeypatch.setattr(decode, "_decode", guarded)
     return bombs
 
 
@@ -281,7 +282,7 @@ def test_listed_suffixes_are_exactly_the_formats_the_decoder_reads(tmp_path):
         extent = image_extent(path.read_bytes())
         assert (extent.width, extent.height) == size, suffix
         assert tuple(read_image(path).shape) == (3, size[1], size[0]), suffix
-    for fmt in ("BMP", "TIFF"):  # PIL writes them; torchvision's decode_image does not read them
+    for fmt in ("BMP", "TIFF"):  # PIL writes (and reads) them; teskd decodes the four formats above only
         path = tmp_path / f"x.{fmt.lower()}"
         Image.new("RGB", (4, 4)).save(path, fmt)
         with pytest.raises(TeskdError) as err:

@@ -30,11 +30,11 @@ def test_image_folder_run_records_the_folders_classes(run):
 def test_run_and_exported_teacher_evaluate_alike(run, capsys):
     assert main(["eval", str(run), "--json"]) == 0
     from_run = json.loads(capsys.readouterr().out)
-    assert main(["eval", str(run / "teacher.safetensors"), f"data.root={IMAGENETTE}", "data.image_size=32",
+    assert main(["eval", str(run / "deployed.safetensors"), f"data.root={IMAGENETTE}", "data.image_size=32",
                  "data.eval_resize=36", "data.test_subset_per_class=2", "data.workers=0", "--json"]) == 0
     from_teacher = json.loads(capsys.readouterr().out)
     assert from_run["images"] == from_teacher["images"] == 2 * state_classes(run)
-    assert from_run["accuracy"]["teacher"] == from_teacher["accuracy"]["teacher"]
+    assert from_run["accuracy"]["teacher"] == from_teacher["accuracy"]["deployed"]  # TESKD deploys its teacher
 
 
 def state_classes(run) -> int:
@@ -47,7 +47,7 @@ def test_deployed_teacher_is_a_torchvision_resnet(run):
 
     from teskd.models import build_backbone
 
-    weights = load_file(str(run / "teacher.safetensors"))
+    weights = load_file(str(run / "deployed.safetensors"))
     ours = build_backbone("resnet18_imagenet", state_classes(run), 1.0)
     full = {k: torch.zeros_like(v) if v.dtype.is_floating_point else v for k, v in ours.state_dict().items()}
     assert set(weights) == set(full)  # same keys as the full-width network, narrower tensors

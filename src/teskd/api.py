@@ -27,15 +27,11 @@ def load(path, checkpoint: str = "last"):
     return deployed.model, Preprocess(deployed.info), classes
 
 
-def _flatten(settings: dict, prefix: str = "") -> list[str]:
-    overrides = []
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            overrides += _flatten(value, f"{prefix}{key}.")
-        else:  # the CLI's key=value syntax: the value is read as YAML (JSON is YAML)
-            text = value if isinstance(value, str) else json.dumps(value)
-            overrides.append(f"{prefix}{key}={text}")
-    return overrides
+def _as_overrides(settings: dict) -> list[str]:
+    """The CLI's ``key=value`` syntax: the value is read as YAML (JSON is YAML)."""
+    from teskd.config import dotted
+
+    return [f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in dotted(settings).items()]
 
 
 def train(config=None, out=None, *, resume: bool = False, overwrite: bool = False, overrides=(), **settings) -> dict:
@@ -46,14 +42,14 @@ def train(config=None, out=None, *, resume: bool = False, overwrite: bool = Fals
     (``**{"train.epochs": 2}``) or CLI strings (``overrides=["train.epochs=2"]``).
     """
     from teskd.engine import distributed
-    from teskd.launch import train_run
+    from teskd.launch import API, train_run
 
     if isinstance(overrides, str):
         raise TeskdError("overrides is a list of 'key=value' strings, not one string")
     started = distributed.init_from_env()  # under torchrun: join its process group
     try:
-        return train_run(config, [*_flatten(settings), *overrides], out=Path(out) if out is not None else None,
-                         resume=resume, overwrite=overwrite)
+        return train_run(config, [*_as_overrides(settings), *overrides], out=Path(out) if out is not None else None,
+                         resume=resume, overwrite=overwrite, spelling=API)
     finally:
         if started:
             distributed.shutdown()

@@ -49,11 +49,13 @@ def _cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        if result["kind"] == "teacher":
+        if result["kind"] == "deployed":
             print(f"deployed network {result['checkpoint']} ({result['format']} export, {result['arch']}, width_mult "
                   f"{result['width_mult']:g}, {result['num_classes']} classes)")
         else:
-            print(f"checkpoint {result['checkpoint']} (epoch {result['epoch']}, {result['arch']}/{result['method']})")
+            where = f": {result['partial']}" if result.get("partial") else ""  # a mid-epoch checkpoint
+            epoch = "" if where else f"epoch {result['epoch']}, "
+            print(f"checkpoint {result['checkpoint']} ({epoch}{result['arch']}/{result['method']}){where}")
         print(f"evaluated on {describe_data(result)}")
         print(f"precision: {result['precision']}")
         print(f"{'branch':<20} {'top-1':>7} {'top-5':>7}")
@@ -70,7 +72,10 @@ def _cmd_export(args) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    source = f"{r['source']}" + (f" (epoch {r['epoch']})" if r["epoch"] is not None else "")
+    if r.get("partial"):  # a mid-epoch checkpoint: "(epoch 0)" would hide that its weights are partly trained
+        source = f"{r['source']}: {r['partial']}"
+    else:
+        source = f"{r['source']}" + (f" (epoch {r['epoch']})" if r["epoch"] is not None else "")
     print(f"exported {r['arch']} ({r['num_classes']} classes, {r['input_size']} px input) from {source}")
     print(f"wrote {r['out']} ({r['format']}, {r['bytes'] / 1e6:.2f} MB)")
     check = "identical outputs" if r["bound"] == 0 else f"bound {r['bound']:g}"
@@ -79,15 +84,20 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from teskd.deploy.source import load_deployed
+    from teskd.deploy.source import NotAModel, load_deployed, model_kinds
     from teskd.deploy.predict import format_predictions, format_skipped, predict
 
-    deployed = load_deployed(args.model, args.checkpoint)
+    try:
+        deployed = load_deployed(args.model, args.checkpoint)
+    except NotAModel as exc:  # most often the arguments in the wrong order: say the order
+        raise TeskdError(f"{exc.what}: teskd predict MODEL IMAGES..., where MODEL is {model_kinds()}") from exc
     device = "cpu"
     if args.device != "cpu" and deployed.movable:
         from teskd.engine.runtime import resolve_device
 
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, setting="--device")
+    if deployed.partial:  # stderr: --json output stays parseable
+        print(f"note: {deployed.source} holds {deployed.partial}", file=sys.stderr)
     pred = predict(deployed, args.images, topk=args.topk, batch_size=args.batch_size, device=device,
                    progress=not args.json and sys.stderr.isatty())
     if args.json:
@@ -176,15 +186,24 @@ def _cmd_sweep(args) -> int:
                          launch=launch, status=args.status, cancel=args.cancel)
 
 
+# what `teskd --help` opens with: plain text (the module docstring's ``markup`` is for the docs)
+DESCRIPTION = ("TESKD self-knowledge distillation: train image classifiers, evaluate, export and use them. "
+               "Run teskd COMMAND --help for the options of each command.")
+CONFIG_KEYS = "docs/configuration.md#every-key"  # the table of every config key and its default
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="teskd", description=__doc__)
+    parser = argparse.ArgumentParser(prog="teskd", description=DESCRIPTION)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"teskd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model (TESKD or a baseline)")
+    p = sub.add_parser("train", help="train a model (TESKD or a baseline)",
+                       epilog=f"Every config key, its default and meaning: {CONFIG_KEYS} (methods' own keys: "
+                              f"docs/methods.md).")
     p.add_argument("config", nargs="?", help="YAML config, e.g. configs/cifar100/resnet18_teskd.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=10")
+    p.add_argument("overrides", nargs="*",
+                   help=f"key=value overrides, e.g. train.epochs=10 (valid keys: {CONFIG_KEYS})")
     p.add_argument("--out", help="run directory (default runs/<config>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its last checkpoint (with CONFIG too: start RUN_DIR from CONFIG "
@@ -192,31 +211,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="per-branch top-1/top-5 of a run, a checkpoint or a teacher.safetensors")
-    p.add_argument("target", help="run directory, checkpoint .pt file, or deployed teacher .safetensors")
+    p = sub.add_parser("eval", help="per-branch top-1/top-5 of a run, a checkpoint or a deployed.safetensors")
+    p.add_argument("target", help="run directory, checkpoint .pt file, or export (e.g. deployed.safetensors)")
     p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.root=... data.dataset=...)")
     p.add_argument("--checkpoint", choices=["last", "best"], default="last",
                    help="which checkpoint of a run directory (default last)")
-    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="test (default), or val: the training images the run held out (data.val_per_class)")
     p.add_argument("--full", action="store_true",
                    help="the whole test split, not the run's data.test_subset_per_class subset")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_cmd_eval)
 
     from teskd.deploy.formats import format_names, formats_help  # the registered formats, plug-ins included
 
     p = sub.add_parser("export", help=f"write the deployed network alone ({', '.join(format_names())}), "
                                       "verified against PyTorch")
-    p.add_argument("target", help="run directory, checkpoint .pt, or teacher .safetensors")
+    p.add_argument("target", help="run directory, checkpoint .pt, or export (e.g. deployed.safetensors)")
     p.add_argument("--format", choices=format_names(), default="safetensors", help=formats_help())
-    p.add_argument("--out", help="output file (default ./<run>-teacher[-best].<ext>)")
+    p.add_argument("--out", help="output file (default ./<run>-deployed[-best].<ext>)")
     p.add_argument("--checkpoint", choices=["last", "best"], default="last",
                    help="which checkpoint of a run directory (default last)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--bound", type=float,
                    help="largest accepted |logit difference| vs PyTorch for onnx/pt2 (default 1e-4)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is a teskd export")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("predict", help="classify image files with a run, checkpoint or export")
@@ -225,40 +245,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--checkpoint", choices=["last", "best"], default="last",
                    help="which checkpoint of a run directory (default last)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images classified at once (default 64)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N (.onnx and .pt2 exports run on the CPU)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the predictions (and skipped files) as JSON")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("info", help="parameters and multiply-adds for training and deployment")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("config", help="YAML config, e.g. configs/cifar100/resnet18_teskd.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.arch=resnet34")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("import-official", help="convert a state dict saved by the official TESKD code")
     p.add_argument("state_dict", help="the official .pth file (model.state_dict())")
     p.add_argument("--arch", required=True, help="architecture, e.g. resnet18, seresnet34, vgg16")
     p.add_argument("--out", required=True,
-                   help="run directory (eval/resume-able), a .pt checkpoint, or a teacher .safetensors")
+                   help="run directory (eval/resume-able), a .pt checkpoint, or a deployed .safetensors")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. data.dataset=cifar10)")
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("bench", help="time training steps of the method against the ce baseline")
-    p.add_argument("config")
+    p.add_argument("config", help="YAML config, e.g. configs/cifar100/resnet18_teskd.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.width_mult=0.25")
     p.add_argument("--steps", type=int, default=10, help="timed steps of each model (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each model first (default 3)")
     p.add_argument("--inference", action="store_true",
-                   help="also time the deployed teacher's inference against a plain backbone")
+                   help="also time the deployed network's inference against a plain backbone")
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the timings as JSON")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("report", help="compare runs and groups of seeds (unfinished runs from their metrics)")
     p.add_argument("runs", nargs="+", help="run directories, or folders holding run directories (1-2 levels down)")
     p.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table",
-                   help="table (default): the runs, then the groups; markdown/csv/json: the groups")
+                   help="table (default): the runs, then the groups, numbered [k], in blocks that fit ~120 "
+                        "columns; markdown: the groups as one wide table with every column; csv/json: the groups "
+                        "(tables round to 2 decimals, csv to 4, json keeps full precision)")
     p.add_argument("--plot", metavar="PNG",
                    help="also draw the groups' and runs' curves into PNG (.png is appended if missing; the path "
                         "is printed)")

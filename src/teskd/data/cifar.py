@@ -259,7 +259,7 @@ def _read_pickles(fmt: _Format, folder: Path, train: bool) -> tuple[np.ndarray, 
     return x, y, classes
 
 
-def _fetch(url: str, md5: str, archive: Path) -> None:
+def _fetch(url: str, md5: str, archive: Path, name: str) -> None:
     """Downloads ``url`` to ``archive`` and checks its MD5; a failed or bad download is deleted.
     (torchvision's ``download_url`` cannot read the file:// URLs of mirrors and tests.)"""
     from torchvision.datasets.utils import calculate_md5
@@ -274,8 +274,11 @@ def _fetch(url: str, md5: str, archive: Path) -> None:
     except BaseException as err:
         archive.unlink(missing_ok=True)
         if isinstance(err, (OSError, ValueError)):  # urllib.error.URLError is an OSError
-            raise TeskdError(f"could not download {url} ({one_line(err)}); download it by hand and extract it "
-                             f"into {archive.parent}") from err
+            raise TeskdError(f"could not download {url} ({one_line(err)}); set {_url_variable(name)} to a mirror "
+                             f"of the archive you can reach, or download it by hand and extract it into "
+                             f"{archive.parent}, or use a copy you have: TESKD_DATA=FOLDER reads FOLDER/{name}/ "
+                             f"(train.npz and test.npz, or the extracted archive), data.root=FOLDER reads FOLDER "
+                             f"itself") from err
         raise
     got = calculate_md5(archive)
     if got != md5:
@@ -312,8 +315,13 @@ def _safe_extract(archive: Path, dest: Path) -> None:
                          f"delete it and download again") from err
 
 
+def _url_variable(name: str) -> str:
+    """The environment variable naming a mirror of ``name``'s archive."""
+    return f"TESKD_{name.upper()}_URL"
+
+
 def _archive_url(name: str) -> str:
-    return os.environ.get(f"TESKD_{name.upper()}_URL", "").strip() or URLS[name]
+    return os.environ.get(_url_variable(name), "").strip() or URLS[name]
 
 
 def _archive_md5(name: str) -> str:
@@ -332,6 +340,7 @@ def download_cifar(name: str, root: str | os.PathLike) -> Path:
     _format(name)
     root = Path(root)
     url, md5 = _archive_url(name), _archive_md5(name)
+    created = [p for p in (root, *root.parents) if not p.exists()]  # innermost first
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -340,10 +349,18 @@ def download_cifar(name: str, root: str | os.PathLike) -> Path:
     if archive_name in ("", ".", ".."):  # a mirror URL without a file name
         archive_name = Path(urllib.parse.urlparse(URLS[name]).path).name
     archive = root / archive_name
-    if not check_integrity(archive, md5):
-        archive.unlink(missing_ok=True)  # an interrupted or bad earlier download
-        _fetch(url, md5, archive)
-    _safe_extract(archive, root)
+    try:
+        if not check_integrity(archive, md5):
+            archive.unlink(missing_ok=True)  # an interrupted or bad earlier download
+            _fetch(url, md5, archive, name)
+        _safe_extract(archive, root)
+    except BaseException:
+        # a failed download leaves no empty data/cifar100/ behind: the next run would find a folder and no data in
+        # it, and `ls` would suggest a download had worked; a folder holding anything is kept
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return archive
 
 

@@ -2,32 +2,37 @@
 format the decoder reads (:data:`IMAGE_SUFFIXES`), whose header promises at most :data:`MAX_IMAGE_PIXELS` pixels.
 
 The pixel count is read from the header before decoding: a few-KB PNG can declare 30000 x 30000 pixels, which
-the decoder would allocate (2.7 GB) before reading a row. The headers of the four formats torchvision's
-``decode_image`` reads are parsed here (no third-party parser), so an image is measured by the same bytes that
-would be decoded; a file in any other format never reaches the decoder.
+the decoder would allocate (2.7 GB) before reading a row. The headers of the four formats are parsed here (no
+third-party parser), so an image is measured by the same bytes that would be decoded; a file in any other format
+never reaches the decoder.
+
+The decoder is Pillow's, limited to those four formats. (torchvision's ``decode_image`` read them before; its image
+decoders are deprecated since torchvision 0.29 in favour of TorchCodec, a video library with FFmpeg underneath.
+Pillow is installed with torchvision and matplotlib, and torchvision's own transforms use it.)
 """
 
 from __future__ import annotations
 
+import io
 import re
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from teskd.errors import TeskdError, printable
 from teskd.fileio import read_regular
 
-# The suffixes listed in image folders and searched by ``teskd predict``: exactly what torchvision's decode_image
-# reads (JPEG, PNG, GIF, WebP; BMP, TIFF and AVIF are refused by it), matched case-insensitively.
+# The suffixes listed in image folders and searched by ``teskd predict``: exactly the formats decoded here (JPEG,
+# PNG, GIF, WebP: those torchvision's decode_image read; BMP, TIFF and AVIF are refused), matched case-insensitively.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
 MAX_IMAGE_BYTES = 256 << 20  # no photograph is larger; a larger "image" is a mistake or a trap
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb guard (2**30 / 12): ~268 MB as uint8 RGB
 
-SOURCE_LINE = re.compile(r"^[\w.]+, \S+\.(?:cpp|h):\d+, ")  # torchvision's "decode_jpeg, <file>:<line>, "
-_DEPRECATED = "The image decoding and encoding capabilities of TorchVision are deprecated"
+SOURCE_LINE = re.compile(r"^[\w.]+, \S+\.(?:cpp|h):\d+, ")  # a C++ source location in a message: noise
+_PIL_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")  # what Image.open may try: the formats image_extent measures
 
 
 class BadImage(TeskdError):
@@ -114,7 +119,7 @@ def _skip_sub_blocks(data, i: int) -> int:
 
 
 def _gif(data) -> Extent:
-    """Every frame's size: giflib reads all frames (torchvision then keeps them all), each at its own size."""
+    """Every frame's size, each at its own (Pillow decodes the first frame only: counting all is the safe side)."""
     if len(data) < 13:
         raise _Damaged("GIF")
     flags, i, n = data[10], 13, len(data)
@@ -170,7 +175,7 @@ def _webp(data) -> Extent:
 
 def image_extent(data) -> Extent:
     """The size an image file's header declares (``data``: bytes or a buffer); ValueError when the format is not
-    one torchvision decodes, or the header is damaged. The magic numbers are those decode_image dispatches on."""
+    one decoded here, or the header is damaged. The magic numbers are those the decoders recognise."""
     head = bytes(data[:16])
     try:
         if head.startswith(b"\xff\xd8\xff"):
@@ -197,20 +202,35 @@ def check_extent(data) -> Extent:
 
 
 def decode_rgb(data: torch.Tensor) -> torch.Tensor:
-    """An image file's bytes (uint8 tensor) -> uint8 (3, H, W) RGB (grayscale, CMYK, palette and alpha converted).
-    Refuses (ValueError) what :func:`check_extent` refuses, without decoding."""
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2.functional import to_dtype
+    """An image file's bytes (uint8 tensor) -> uint8 (3, H, W) RGB (grayscale, CMYK, palette and alpha converted;
+    an animated GIF's first frame; 16 bits per sample scaled to 8). Refuses (ValueError) what :func:`check_extent`
+    refuses, without decoding, and a file the decoder cannot read, in one line."""
+    encoded = memoryview(data.numpy())
+    check_extent(encoded)
+    try:
+        pixels = _decode(encoded.tobytes())
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:  # Pillow's ways of saying "damaged"
+        from PIL import UnidentifiedImageError
 
-    check_extent(memoryview(data.numpy()))
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for TorchCodec): once per image
-        warnings.filterwarnings("ignore", _DEPRECATED, DeprecationWarning)
-        image = decode_image(data, mode=ImageReadMode.RGB)
-    if image.ndim == 4:  # an animated GIF: its first frame, as PIL gives
-        image = image[0]
-    if image.dtype != torch.uint8:  # 16-bit PNG
-        image = to_dtype(image, torch.uint8, scale=True)
-    return image
+        if isinstance(exc, UnidentifiedImageError):  # its text names a BytesIO object: say what it means
+            raise ValueError("it is damaged or cut short: the decoder cannot read it past its header") from exc
+        raise ValueError(" ".join(str(exc).split()) or type(exc).__name__) from exc
+    # HWC -> CHW (as the transforms take it) in the one copy that also makes Pillow's read-only array writable
+    return torch.from_numpy(np.array(pixels.transpose(2, 0, 1), order="C"))
+
+
+def _decode(encoded: bytes) -> np.ndarray:
+    """Pillow's decoding of one image (JPEG, PNG, GIF or WebP only) -> uint8 (H, W, 3) RGB, maybe read-only."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(encoded), formats=_PIL_FORMATS) as image:
+        image.load()  # decode now: a truncated or damaged file fails here, inside this function
+        if image.mode.startswith("I"):  # 16-bit grayscale PNG ("I;16", "I"): keep the 8 high bits, as a scaling
+            gray = (np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+            return np.repeat(gray[:, :, None], 3, axis=2)
+        if image.mode == "P" and "transparency" in image.info:  # via RGBA: Pillow warns on P -> RGB with it
+            image = image.convert("RGBA")
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # (convert copies even RGB)
 
 
 def read_rgb(path: Path | str) -> torch.Tensor:
@@ -227,5 +247,5 @@ def read_rgb(path: Path | str) -> torch.Tensor:
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         return decode_rgb(encoded)
     except (RuntimeError, ValueError) as exc:
-        text = SOURCE_LINE.sub("", " ".join(str(exc).split()))  # torchvision's C++ source location: noise
+        text = SOURCE_LINE.sub("", " ".join(str(exc).split()))  # a C++ source location: noise
         raise BadImage(path, text[:300] or type(exc).__name__) from exc

@@ -36,6 +36,7 @@ class Deployed:
     kind: str  # "checkpoint", or the export format's name ("safetensors", "onnx", "pt2", ...)
     epoch: int | None = None  # a checkpoint's finished epochs
     movable: bool = True  # may run on another device (compiled exports run where they were built: the CPU)
+    partial: str | None = None  # a mid-epoch checkpoint: where its weights come from (checkpoint.describe_weights)
 
 
 def build_deployed(weights: dict[str, torch.Tensor], info: DeployInfo, what: str) -> nn.Module:
@@ -59,15 +60,106 @@ def checkpoint_path(target: Path, which: str = "last") -> Path:
     if not target.is_dir():
         if not target.exists():
             raise TeskdError(f"no such run directory, checkpoint or export: {target}")
+        problem = not_a_model(target)  # an image or a text file is named as such, not as a corrupt checkpoint
+        if problem is not None:
+            raise NotAModel(problem)
         return target
     from teskd.engine.checkpoint import previous_path
 
     path = target / "checkpoints" / f"{which}.pt"
     if not path.is_file() and not previous_path(path).is_file():  # mid-save, last.pt may exist as last.prev.pt
-        hint = (f"; its deployed weights alone: {target / 'teacher.safetensors'}"
-                if (target / "teacher.safetensors").is_file() else " (is it a teskd run directory?)")
-        raise TeskdError(f"{target} has no checkpoints/{which}.pt{hint}")
+        raise _missing_checkpoint(target, which)
     return path
+
+
+def _missing_checkpoint(target: Path, which: str) -> TeskdError:
+    """The error for a folder ``target`` without a ``which`` checkpoint: a run folder is told what it has instead
+    (not asked whether it is one), any other folder that it is no run."""
+    from teskd.engine.checkpoint import previous_path
+    from teskd.engine.rundir import RunDir
+
+    run = RunDir(target)
+    deployed = run.deployed_file()
+    also = f"; its deployed weights alone: {deployed}" if deployed is not None else ""
+    if not run.config.is_file() and not run.checkpoints.is_dir() and deployed is None:
+        return NotAModel(f"{target} is not a teskd run directory (it has no {run.config.name} or "
+                         f"checkpoints/{_folder_contents(target)})")
+    has_last = run.last.is_file() or previous_path(run.last).is_file()
+    if which == "best" and has_last:
+        # best.pt is published when an evaluated epoch improves: a run stopped inside its first epoch (or before
+        # its first evaluation, train.eval_every) has none yet
+        return TeskdError(f"{target} has no best checkpoint yet (checkpoints/best.pt is written once an evaluated "
+                          f"epoch improves); it has checkpoints/last.pt: use the last checkpoint{also}")
+    if deployed is not None:  # a finished run shipped without its checkpoints
+        return TeskdError(f"{target} has no checkpoints/{which}.pt{also}")
+    return TeskdError(f"{target} has no checkpoint yet (it stopped, or is still, before its first save)")
+
+
+def _folder_contents(folder: Path) -> str:
+    """``: it holds images`` for a folder of images (a likely mix-up with the images argument), else empty."""
+    from teskd.data.decode import IMAGE_SUFFIXES
+
+    def some(path: Path, n: int) -> list[Path]:  # a look at a few entries, never a walk of a huge tree
+        try:
+            return [e for _, e in zip(range(n), path.iterdir())]
+        except OSError:
+            return []
+
+    entries = some(folder, 200)
+    entries += [e for sub in entries[:20] if sub.is_dir() and not sub.is_symlink() for e in some(sub, 20)]
+    return ": it holds images" if any(e.name.lower().endswith(IMAGE_SUFFIXES) for e in entries) else ""
+
+
+# How a file is recognised before it is read as a checkpoint: torch.save writes a zip archive (older torch a
+# pickle stream); checkpoint suffixes are loaded whatever their content, so a damaged one is called damaged.
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar", ".bin")
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+_FILE_KINDS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+               (b"BM", "a BMP image"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+               (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"))
+
+
+def model_kinds() -> str:
+    """What a model argument may be: a run folder, a .pt checkpoint, or an export of a format teskd reads."""
+    from teskd.deploy.formats import FORMATS, get_format
+
+    suffixes = sorted((get_format(n).suffix for n in FORMATS.names() if get_format(n).load is not None),
+                      key=lambda s: s != ".safetensors")  # the run's own export first
+    return f"a run folder, .pt, {', '.join(suffixes[:-1])} or {suffixes[-1]}" if len(suffixes) > 1 else \
+        f"a run folder, .pt or {''.join(suffixes)}"
+
+
+def not_a_model(target: Path) -> str | None:
+    """``"X is not a model file (a PNG image?)"`` when ``target`` is a regular file that cannot be a checkpoint
+    (unknown suffix and neither zip nor pickle content), else None. Only 16 bytes of a regular file are read (a
+    FIFO or device is left to the loaders, which refuse it by name)."""
+    if not target.is_file() or target.suffix.lower() in _CHECKPOINT_SUFFIXES:
+        return None
+    try:
+        with open(target, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None  # the loader names the reason
+    if head.startswith(_CHECKPOINT_MAGIC):
+        return None
+    kind = next((k for magic, k in _FILE_KINDS if head.startswith(magic)), None)
+    if kind is None and head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        kind = "a WebP image"
+    if kind is None and not head:
+        kind = "an empty file"
+    if kind is None and b"\x00" not in head:
+        text = head.decode("utf-8", errors="ignore")  # the 16th byte may cut a character in two
+        kind = "a text file" if text and all(c.isprintable() or c.isspace() for c in text) else None
+    return f"{target} is not a model file" + (f" ({kind}?)" if kind else "")
+
+
+class NotAModel(TeskdError):
+    """A model argument that is no model (an image, a text file, a folder that is no run): ``what`` says so, the
+    message adds what a model may be; ``teskd predict`` replaces that with its usage (arguments swapped?)."""
+
+    def __init__(self, what: str):
+        self.what = what
+        super().__init__(f"{what}; a model is {model_kinds()}")
 
 
 def read_checkpoint(path: Path, attempts: int = 3) -> dict:
@@ -109,7 +201,9 @@ def from_checkpoint(path: Path) -> Deployed:
         classes = None  # names that do not fit the head are not shown rather than shown wrong
     info = DeployInfo.from_config(cfg, num_classes, classes)
     model = build_deployed(weights, info, f"checkpoint {path}")
-    return Deployed(model, info, path, "checkpoint", state.get("epoch"))
+    from teskd.engine.checkpoint import describe_weights
+
+    return Deployed(model, info, path, "checkpoint", state.get("epoch"), partial=describe_weights(state))
 
 
 def load_deployed(target: Path | str, which: str = "last") -> Deployed:

@@ -215,6 +215,18 @@ def validate_state(state: Any, path: Path) -> dict[str, Any]:
     return state
 
 
+def describe_weights(state: dict[str, Any]) -> str | None:
+    """Where in training a checkpoint's weights come from, when that is the middle of an epoch (None after a whole
+    one). Said by eval, export and predict: a run stopped inside its first epoch has ``epoch`` 0, and "epoch 0"
+    alone hides that its weights are partly trained."""
+    progress = state.get("progress")
+    if not progress:
+        return None
+    steps = progress.get("steps") or 0  # unknown in checkpoints written before it was recorded
+    batch = f"batch {progress['step']} of {steps}" if steps else f"after batch {progress['step']}"
+    return f"weights from the middle of epoch {state['epoch'] + 1} ({batch}), partly trained"
+
+
 def load_checkpoint(path: Path, accepted: list[str] | None = None) -> dict[str, Any]:
     """Load and verify one checkpoint file. ``accepted``: digests that vouch for it (default: its digest file's)."""
     path = Path(path)

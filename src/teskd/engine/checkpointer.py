@@ -45,5 +45,5 @@ class Checkpointer:
             if not best_pt.is_file() or fileio.file_digest(best_pt) != digest:
                 publish_copy(used, digest, best_pt)
         elif not best_pt.is_file() or fileio.file_digest(best_pt) not in read_digests(best_pt):
-            log.warning(f"warning: {best_pt} is missing or damaged; it is written again when the teacher next "
-                        f"improves")
+            log.warning(f"warning: {best_pt} is missing or damaged; it is written again when the deployed network "
+                        f"next improves")

@@ -21,6 +21,9 @@ class EpochProgress:
     seconds: float = 0.0
     sums: dict[str, float] = field(default_factory=dict)  # sample-weighted loss terms
     correct: dict[str, int] = field(default_factory=dict)  # per branch
+    # batches in the epoch (0: unknown, checkpoints written before it was recorded): lets eval, export and
+    # predict say "batch 5 of 40" of a checkpoint without loading the data
+    steps: int = 0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -28,7 +31,8 @@ class EpochProgress:
     @classmethod
     def from_dict(cls, d: dict) -> "EpochProgress":
         return cls(**{k: d[k] for k in ("epoch", "step", "seen", "seconds", "sums", "correct") if k in d},
-                   batch_size=int(d.get("batch_size", 0)), world_size=int(d.get("world_size", 1)))
+                   batch_size=int(d.get("batch_size", 0)), world_size=int(d.get("world_size", 1)),
+                   steps=int(d.get("steps", 0)))
 
 
 class EpochMeters:

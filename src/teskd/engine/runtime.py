@@ -31,8 +31,9 @@ def placement(cfg: TrainConfig, training: bool = True) -> Placement:
     return Placement(device, amp, resolve_eval_amp(cfg, device))
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: a GPU when there is one (with several processes, this process's ``cuda:LOCAL_RANK``)."""
+def resolve_device(name: str, setting: str = "train.device") -> torch.device:
+    """``auto``: a GPU when there is one (with several processes, this process's ``cuda:LOCAL_RANK``). ``setting``:
+    the option the user gave it with, named in errors (``--device`` for ``teskd predict``)."""
     from teskd.engine import distributed
 
     if name == "auto":
@@ -41,7 +42,8 @@ def resolve_device(name: str) -> torch.device:
         name = f"cuda:{distributed.local_rank()}"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise TeskdError(f"train.device={name} but no CUDA GPU is available (use train.device=cpu or auto)")
+        eq = " " if setting.startswith("-") else "="  # `--device cuda`, `train.device=cuda`
+        raise TeskdError(f"{setting}{eq}{name} but no CUDA GPU is available (use {setting}{eq}cpu or auto)")
     return device
 
 
@@ -154,11 +156,55 @@ def prepare_model(method, cfg: TrainConfig, device: torch.device, distributed_ok
     if distributed_ok and distributed.active():
         from torch.nn.parallel import DistributedDataParallel
 
+        # DDP makes its gradient buckets with the parameters' strides as they are when it is built: the memory
+        # format is set first (above; converting after would leave every bucket in the old layout), and gradients
+        # that differ from their parameter only in a size-1 dimension's stride are given the parameter's
+        match_gradient_strides(method)
         model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
     return method, model
 
+
+
+def match_gradient_strides(method: torch.nn.Module) -> int:
+    """Make the gradient of each parameter with a size-1 dimension (a 1x1 kernel [O, I, 1, 1], a depthwise kernel
+    [C, 1, k, k]) arrive with its parameter's exact strides; returns how many parameters are concerned.
+
+    DDP copies each gradient into a bucket view made with its parameter's strides, and warns "Grad strides do not
+    match bucket view strides ... may impair performance" when they differ. A size-1 dimension's stride addresses
+    nothing, and autograd's layout contract ignores it: it keeps whatever strides the backward produced there
+    (the CPU's, for a 1x1 convolution on 1x1 features, the NCHW ones where ``.to(memory_format=channels_last)``
+    gave the parameter NHWC ones). A hook on the parameter re-labels such a gradient with the parameter's strides:
+    a view of the same bytes (no copy), so DDP's copy into its bucket is a plain one and it has nothing to warn
+    about. Any other difference is left alone: autograd then lays the gradient out like its parameter itself."""
+    count = 0
+    for p in method.parameters():
+        if p.requires_grad and p.dim() >= 2 and 1 in p.shape:
+            p.register_hook(_with_strides(tuple(p.shape), p.stride()))
+            count += 1
+    return count
+
+
+def _with_strides(shape: tuple[int, ...], strides: tuple[int, ...]):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if grad.stride() == strides or grad.shape != shape or not _dense(grad):
+            return grad
+        if any(n != 1 and a != b for n, a, b in zip(shape, grad.stride(), strides)):
+            return grad  # really another layout: not ours to relabel
+        return grad.as_strided(shape, strides)  # the same elements at the same addresses
+
+    return hook
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its storage span without gaps or overlaps (whatever the order of its dims)."""
+    expected = 1
+    for size, stride in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _crashes_cpu_channels_last(module: torch.nn.Module) -> bool:

@@ -19,7 +19,7 @@ from torch import nn
 
 from teskd import fileio
 from teskd.version import __version__
-from teskd.config import Config, to_dict
+from teskd.config import Config, dotted, to_dict
 from teskd.data.bundle import DataBundle
 from teskd.engine import distributed, runtime
 from teskd.engine.callbacks import Callback, RunEnd, RunStart
@@ -171,6 +171,7 @@ class Trainer:
         if not fresh:
             state, used = self.checkpointer.load()
             self.load_state(state)
+            self._say_where(state, used)
         if distributed.is_primary():
             fileio.atomic_write_text(self.rundir.config, _config_yaml(self.cfg))
             if fresh:
@@ -179,6 +180,18 @@ class Trainer:
                 self.metrics.truncate_after(self.start_epoch)
                 self.checkpointer.repair_best(state, used)
         distributed.barrier()
+
+    def _say_where(self, state: dict, used: Path) -> None:
+        """One line: where a resumed run goes on (a finished run is reported by ``run``)."""
+        where = f"{used.parent.name}/{used.name}"  # last.prev.pt when last.pt failed its check
+        p, epochs = self.resume_progress, self.cfg.train.epochs
+        if "optimizer" not in state:  # imported weights (teskd import-official): training starts from them
+            log.info(f"training from the imported weights of {where}")
+        elif p is not None:
+            log.info(f"resuming from epoch {self.start_epoch + 1} (batch {p.step} of {len(self.data.train)}): "
+                     f"{where}")
+        elif self.start_epoch < epochs:
+            log.info(f"resuming after epoch {self.start_epoch} of {epochs}: {where}")
 
     def _start_callbacks(self, closing: contextlib.ExitStack) -> None:
         if not distributed.is_primary():
@@ -251,7 +264,8 @@ class Trainer:
                 stop, due = self._decide(every_due, saved_at)
                 if done < steps and (stop or due):
                     saved_at = time.perf_counter()
-                    now = EpochProgress(epoch, done, self.cfg.data.batch_size, self.world, seconds=saved_at - t0)
+                    now = EpochProgress(epoch, done, self.cfg.data.batch_size, self.world, seconds=saved_at - t0,
+                                        steps=steps)
                     self.checkpointer.save(self.state_dict(epoch, meters.snapshot(now)))
                     if stop:
                         bar.close()
@@ -376,15 +390,8 @@ def _config_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _changed_settings(old: dict, new: dict) -> list[tuple[str, object, object]]:
-    a, b = _flatten(old), _flatten(new)
+    a, b = dotted(old), dotted(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

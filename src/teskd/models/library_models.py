@@ -23,24 +23,38 @@ def is_library_arch(arch: str) -> bool:
     return isinstance(arch, str) and arch.split(":", 1)[0] in PREFIXES and ":" in arch
 
 
+def check_library_arch(arch: str) -> None:
+    """Raise unless the library of ``arch`` ("tv:NAME" or "timm:NAME") is installed and has the model NAME: asked
+    when a run is assembled, before its data is read (a misspelt name was found only after loading it)."""
+    prefix, name = arch.split(":", 1)
+    if prefix == "tv":
+        import torchvision.models as tvm
+
+        known = tvm.list_models(module=tvm)  # classification models only (not detection, video, ...)
+        if name not in known:
+            close = [k for k in known if name.lower()[:4] in k][:8]
+            raise TeskdError(f"unknown torchvision classification model {name!r}"
+                             + (f"; similar: {', '.join(close)}" if close else "")
+                             + "; all: torchvision.models.list_models(module=torchvision.models)")
+    else:
+        from teskd.deploy.extras import require
+
+        timm = require("timm", f"model.arch=timm:{name}", "timm")
+        if not timm.is_model(name):
+            raise TeskdError(f"unknown timm model {name!r}; list them with timm.list_models()")
+
+
 def _torchvision_model(name: str, num_classes: int) -> nn.Module:
     import torchvision.models as tvm
 
-    known = tvm.list_models(module=tvm)  # classification models only (not detection, video, ...)
-    if name not in known:
-        close = [k for k in known if name.lower()[:4] in k][:8]
-        raise TeskdError(f"unknown torchvision classification model {name!r}"
-                         + (f"; similar: {', '.join(close)}" if close else "")
-                         + "; all: torchvision.models.list_models(module=torchvision.models)")
+    check_library_arch(f"tv:{name}")
     return tvm.get_model(name, weights=None, num_classes=num_classes)
 
 
 def _timm_model(name: str, num_classes: int) -> nn.Module:
-    from teskd.deploy.extras import require
+    check_library_arch(f"timm:{name}")  # first: a missing timm is named with its install command
+    import timm
 
-    timm = require("timm", f"model.arch=timm:{name}", "timm")
-    if not timm.is_model(name):
-        raise TeskdError(f"unknown timm model {name!r}; list them with timm.list_models()")
     return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
