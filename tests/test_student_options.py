@@ -160,7 +160,7 @@ def test_none_follows_the_backbones_default_student_width():
     params = load_config(None, [*TINY]).method
     assert params.student_width is None
     backbone = build_backbone("resnet18", 10, 0.125)
-    assert not hasattr(backbone, "default_student_width")  # paper backbones: faithful
+    assert backbone.default_student_width == "faithful"  # paper backbones (Backbone's default)
     assert TESKD(copy.deepcopy(backbone), 10, params).students.widths == {1: 64, 2: 64, 3: 64}
     backbone.default_student_width = "stage"
     method = TESKD(copy.deepcopy(backbone), 10, params)

@@ -49,7 +49,7 @@ class Backbone(nn.Module):
     # what TESKD's students are on this backbone when the config does not say (method.levels,
     # method.student_width): the paper's three at the faithful width; a family may choose otherwise
     default_student_levels: ClassVar[tuple[int, ...]] = (1, 2, 3)
-    default_student_width: ClassVar[str] = "faithful"
+    default_student_width: ClassVar[int | str] = "faithful"  # a preset name or a channel count
     # the registry name and width that built this network (``build_backbone`` records them, so that a method
     # can build another of the same kind, e.g. DML's peer); None for a network built without the registry
     arch: str | None = None
