@@ -235,6 +235,17 @@ def test_the_python_api_spells_its_own_arguments(data, mid_run, tmp_path):
         teskd.train(None, out=file)
 
 
+def test_the_python_api_export_spells_its_own_arguments(mid_run, tmp_path, capsys):
+    first = tmp_path / "net.safetensors"
+    teskd.export(mid_run, "safetensors", out=first)
+    with pytest.raises(TeskdError, match=r"^.*net\.safetensors exists; pass overwrite=True to replace it"):
+        teskd.export(mid_run, "safetensors", out=first)
+    with pytest.raises(TeskdError, match=r"^out='.*' is a folder; give a file name"):
+        teskd.export(mid_run, "safetensors", out=tmp_path)
+    assert main(["export", str(mid_run), "--out", str(first)]) == 2  # the command line keeps its flags
+    assert "pass --overwrite to replace it" in one_error(capsys)
+
+
 def test_the_cli_keeps_its_flags(mid_run, tmp_path, capsys):
     assert main(["train", CIFAR_CONFIG, "--out", str(mid_run)]) == 2
     assert one_error(capsys) == (f"error: run directory {mid_run} already exists and is not empty; use --resume "

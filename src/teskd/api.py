@@ -42,7 +42,8 @@ def train(config=None, out=None, *, resume: bool = False, overwrite: bool = Fals
     (``**{"train.epochs": 2}``) or CLI strings (``overrides=["train.epochs=2"]``).
     """
     from teskd.engine import distributed
-    from teskd.launch import API, train_run
+    from teskd.launch import train_run
+    from teskd.spelling import API
 
     if isinstance(overrides, str):
         raise TeskdError("overrides is a list of 'key=value' strings, not one string")
@@ -58,8 +59,9 @@ def train(config=None, out=None, *, resume: bool = False, overwrite: bool = Fals
 def export(target, format: str = "safetensors", out=None, checkpoint: str = "last", **options) -> dict:  # noqa: A002
     """``teskd export``: write the deployed network as ``format`` and verify it; returns what was written."""
     from teskd.deploy.export import export as run_export
+    from teskd.spelling import API
 
-    return run_export(target, format, out, which=checkpoint, **options)
+    return run_export(target, format, out, which=checkpoint, spelling=API, **options)
 
 
 def predict(path, images, topk: int = 5, checkpoint: str = "last") -> list[dict]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from teskd.config import Config, expand_path, from_dict, load_config, resolve_data_root, to_dict
 from teskd.errors import TeskdError
 from teskd.log import log
+from teskd.spelling import CLI, Spelling
 
 
 def _config(config, overrides: list[str]) -> Config:
@@ -27,26 +28,6 @@ def _default_out(config) -> Path:
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-@dataclasses.dataclass(frozen=True)
-class Spelling:
-    """How errors name the run-folder options: as the caller wrote them, ``teskd train``'s flags or the Python
-    API's arguments (an API user told to pass ``--resume`` has nothing to pass it to)."""
-
-    resume: str
-    overwrite: str
-    out: str
-    start: str  # the command that starts a not-yet-started folder, {} for the folder
-
-    def start_command(self, path: Path) -> str:
-        return self.start.format(str(path) if self is CLI else repr(str(path)))
-
-    def out_is(self, path: Path) -> str:
-        """``--out PATH`` or ``out='PATH'``."""
-        return f"{self.out} {path}" if self is CLI else f"{self.out}={str(path)!r}"
-
-
-CLI = Spelling("--resume", "--overwrite", "--out", "teskd train CONFIG --resume {}")
-API = Spelling("resume=True", "overwrite=True", "out", "teskd.train(CONFIG, out={}, resume=True)")
 
 
 def train_run(config=None, overrides: list[str] = (), out=None, resume: bool = False,

@@ -16,6 +16,7 @@ from pathlib import Path
 from teskd.deploy.formats import ExportFormat, get_format
 from teskd.deploy.source import Deployed, load_deployed
 from teskd.errors import TeskdError
+from teskd.spelling import CLI, Spelling
 
 
 def default_out(deployed: Deployed, fmt: str, which: str) -> Path:
@@ -28,14 +29,14 @@ def default_out(deployed: Deployed, fmt: str, which: str) -> Path:
     return Path(f"{stem}{get_format(fmt).suffix}")
 
 
-def _check_out(out: Path, fmt: ExportFormat, overwrite: bool) -> None:
+def _check_out(out: Path, fmt: ExportFormat, overwrite: bool, spelling: Spelling = CLI) -> None:
     if out.is_dir():
-        raise TeskdError(f"--out {out} is a folder; give a file name, e.g. {out / ('deployed' + fmt.suffix)}")
+        raise TeskdError(f"{spelling.out_is(out)} is a folder; give a file name, e.g. {out / ('deployed' + fmt.suffix)}")
     if not out.parent.is_dir():
-        raise TeskdError(f"the folder of --out {out} does not exist")
+        raise TeskdError(f"the folder of {spelling.out_is(out)} does not exist")
     if out.exists() or out.is_symlink():
         if not overwrite:
-            raise TeskdError(f"{out} exists; pass --overwrite to replace it (only a teskd export is replaced)")
+            raise TeskdError(f"{out} exists; pass {spelling.overwrite} to replace it (only a teskd export is replaced)")
         if out.is_symlink() or not out.is_file() or not fmt.is_export(out):
             raise TeskdError(f"refusing to overwrite {out}: it is not a teskd {fmt.name} export")
 
@@ -82,8 +83,10 @@ def _check_request(fmt: str, opset: int | None) -> ExportFormat:
 
 
 def export(target: Path | str, fmt: str, out: Path | str | None = None, which: str = "last",
-           opset: int | None = None, overwrite: bool = False, bound: float | None = None) -> dict:
-    """Export the deployed network of ``target`` (run folder, checkpoint or ``.safetensors``) as ``fmt``."""
+           opset: int | None = None, overwrite: bool = False, bound: float | None = None,
+           spelling: Spelling = CLI) -> dict:
+    """Export the deployed network of ``target`` (run folder, checkpoint or ``.safetensors``) as ``fmt``;
+    ``spelling``: how errors name ``out`` and ``overwrite`` (:mod:`teskd.spelling`)."""
     from teskd import fileio
     from teskd.deploy.verify import DEFAULT_BOUND, check_close, max_abs_diff
 
@@ -93,7 +96,7 @@ def export(target: Path | str, fmt: str, out: Path | str | None = None, which: s
         raise TeskdError(f"{deployed.source} is already a {deployed.kind} export; export from the run folder, a "
                          f"checkpoint or a .safetensors")
     out = Path(out) if out is not None else default_out(deployed, fmt, which)
-    _check_out(out, spec, overwrite)
+    _check_out(out, spec, overwrite, spelling)
     model = deployed.model.float().cpu().eval()
     limit = 0.0 if spec.exact else (DEFAULT_BOUND if bound is None else bound)  # exact: any difference is a bug
     # written and verified under a hidden name of this process's own first: a failed check never replaces a
