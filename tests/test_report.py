@@ -417,6 +417,29 @@ def test_group_figure_panels(seeded):
     assert len(a.collections) == 4  # a min-max band per group
 
 
+def test_paired_delta_panel(seeded):
+    """(e): each group matched with a CE group, its per-seed differences as dots and their mean +- std as a
+    bar; the group at lr 0.05 has no CE to compare with and is left out (hand-computed from the fixture)."""
+    root, runs = seeded
+    fig = draw_report(group_runs([read_run(r, []) for r in runs]))
+    (e,) = [ax for ax in fig.axes if ax.get_title().startswith("(e)")]
+    labels = [t.get_text() for t in e.get_yticklabels()]
+    assert [label.split(" (n=")[0].split("\n")[0][:9] for label in labels] == ["[3] teskd", "[4] teskd"]
+    assert [round(p.get_width(), 6) for p in e.patches] == [5.5, 3.0]  # teskd: 35-30, 38-32; detach: 33-30
+    dots = [sorted(float(x) for x in line.get_xdata()) for line in e.get_lines() if line.get_marker() == "o"]
+    assert dots == [[5.0, 6.0], [3.0]]
+    bars = [c for c in e.containers if getattr(c, "errorbar", None) is not None]
+    whisker = bars[0].errorbar.lines[2][0].get_segments()[0]
+    assert [round(float(x), 6) for x in whisker[:, 0]] == [round(5.5 - 0.5 ** 0.5, 6), round(5.5 + 0.5 ** 0.5, 6)]
+    texts = [t.get_text().strip() for t in e.texts]
+    assert texts == ["+5.50 \u00b1 0.71 (n=2)", "+3.00 (n=1)"]
+
+
+def test_no_paired_delta_panel_without_a_ce_match(tmp_path):
+    fig = figure_of(grouped_run(tmp_path / "teskd-s0", "teskd", [10.0, 20.0], 0))
+    assert not [ax for ax in fig.axes if ax.get_title().startswith("(e)")]
+
+
 def test_folder_whose_runs_have_not_finished_an_epoch(tmp_path, capsys):
     run = tmp_path / "sweep" / "ce-s0"
     run.mkdir(parents=True)

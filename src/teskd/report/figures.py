@@ -2,7 +2,9 @@
 :mod:`teskd.curves` (the one-run view). Top row: (a) each group's deployed test top-1 per epoch (mean over
 seeds, min-max shaded, validation dashed), (b) each group's last-epoch top-1 as bars (mean +- sample std);
 bottom row, group means too: (c) the deployed network's training top-1 and, for groups with several
-branches, (d) every branch's test top-1. Groups are named by their ``[k]``, as in the text table."""
+branches, (d) every branch's test top-1; last row, where a group has a matching CE group, (e) its paired
+difference from CE seed by seed (each seed a dot, mean +- sample std). Groups are named by their ``[k]``, as in
+the text table."""
 
 from __future__ import annotations
 
@@ -154,16 +156,41 @@ def _draw_means(fig, grid, groups: list[Group]) -> None:
                     f"({', '.join(key for key, _ in multi)})", "top-1 (%)", lines)
 
 
+def _draw_deltas(ax, groups: list[Group], labels: list[str], colors: list[str]) -> None:
+    """(e): last-epoch top-1 minus the matching CE group's, seed by seed (dots), and their mean +- sample std
+    (a bar with whiskers); only groups with a finished seed that CE also finished."""
+    rows = [(label, color, g.paired_deltas()) for g, label, color in zip(groups, labels, colors)]
+    rows = [row for row in rows if row[2]]
+    for i, (_, color, deltas) in enumerate(rows):
+        m, s = mean(deltas), (statistics.stdev(deltas) if len(deltas) > 1 else 0.0)
+        ax.barh(i, m, xerr=s, color=color, alpha=0.35, capsize=3)
+        ax.plot(deltas, [i] * len(deltas), "o", color=color, ms=5)
+        ax.text(max([m + s, *deltas, 0.0]), i, f"  {m:+.2f}" + (f" \u00b1 {s:.2f}" if len(deltas) > 1 else "")
+                + f" (n={len(deltas)})", va="center", fontsize=8)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [label for label, _, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.margins(x=0.25)
+    ax.set_title("(e) \u0394 vs CE, paired by seed: last-epoch test top-1 minus CE's with the same seed and "
+                 "settings (dots: seeds; bar: mean \u00b1 sample std)", fontsize=10)
+    ax.set_xlabel("\u0394 top-1 (points)")
+    ax.grid(alpha=0.3, axis="x")
+
+
 def draw_report(groups: list[Group]):
     """The report figure of ``groups`` (see the module docstring), as a matplotlib Figure."""
     labels = [textwrap.fill(plot_text(label), 44, subsequent_indent="    ") for label in group_labels(groups)]
     colors = [f"C{i % 10}" for i in range(len(groups))]
     top = max(4.4, 0.32 * sum(label.count("\n") + 1 for label in labels) + 1.5)
-    fig = new_figure((16.5, top + 4.6), dpi=DPI)
-    grid = fig.add_gridspec(2, 2, height_ratios=[top, 4.4])
+    paired = [label for g, label in zip(groups, labels) if g.paired_deltas()]
+    bottom = 0.32 * sum(label.count("\n") + 1 for label in paired) + 1.5 if paired else 0.0
+    fig = new_figure((16.5, top + 4.6 + bottom), dpi=DPI)
+    grid = fig.add_gridspec(3 if paired else 2, 2, height_ratios=[top, 4.4] + ([bottom] if paired else []))
     _draw_test(fig.add_subplot(grid[0, 0]), groups, labels, colors)
     _draw_bars(fig.add_subplot(grid[0, 1]), groups, labels, colors)
     _draw_means(fig, grid, groups)
+    if paired:
+        _draw_deltas(fig.add_subplot(grid[2, :]), groups, labels, colors)
     fig.suptitle(LOSS_NOTE, fontsize=7.5, x=0.01, ha="left")
     return fig
 
