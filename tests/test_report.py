@@ -381,6 +381,18 @@ def test_folder_of_runs_and_unfinished_seed(seeded, capsys, tmp_path):
     assert code == 0 and "*: unfinished run" in out and "2/3 unfinished" in out
 
 
+def test_unfinished_run_between_evaluations_names_the_epoch_of_its_numbers(tmp_path, capsys):
+    """train.eval_every=2: epochs 3 and 4 finished, only 2 and 4 evaluated; stopped after 5 of 10."""
+    run = fake_run(tmp_path / "sparse", "ce", [10.0, 20.0, 25.0, 28.0, 29.0], finished=False, planned=10)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in records[0::2]:
+        del r["test_acc"], r["val_acc"]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, out, err = report(capsys, run)
+    assert code == 0, err
+    assert " ".join(row_of(out, "sparse")[2:10]) == "5/10 unfinished (top-1 of epoch 4) 28.00 28.00"
+
+
 def test_folder_without_runs_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "a" / "b" / "c").mkdir(parents=True)
     code, _, err = report(capsys, tmp_path)

@@ -101,7 +101,9 @@ def _method_and_planned(run: RunDir) -> tuple[str, int | str]:
 
 def _row_from_metrics(run: RunDir, records: list[dict], branch: str, notes: list[str]) -> RunRow:
     method, planned = _method_and_planned(run)
-    records = evaluated(records)
+    done, records = records[-1]["epoch"], evaluated(records)
+    tested = records[-1]["epoch"]  # before ``done`` when the run evaluates every few epochs
+    epochs = f"{done}/{planned} unfinished" + (f" (top-1 of epoch {tested})" if tested != done else "")
     selected_on = "val" if all("val_acc" in r for r in records) else "test"
     scores = [r[f"{selected_on}_acc"][branch] for r in records]
     best = records[scores.index(max(scores))]  # the first maximum, as training selects it
@@ -109,7 +111,7 @@ def _row_from_metrics(run: RunDir, records: list[dict], branch: str, notes: list
     rates = [r.get("train_images_per_sec") for r in records]
     ips = (sum(s * v for s, v in zip(seconds, rates)) / sum(seconds)  # images / seconds over all epochs
            if all(isinstance(v, (int, float)) for v in seconds + rates) and sum(seconds) > 0 else None)
-    return RunRow(method, f"{records[-1]['epoch']}/{planned} unfinished", records[-1]["test_acc"][branch],
+    return RunRow(method, epochs, records[-1]["test_acc"][branch],
                   best["test_acc"][branch], selected_on, images_per_sec=ips, finished=False, notes=notes)
 
 
