@@ -112,11 +112,14 @@ GOOD = {"out": "RUNS", "base": CE, "runs": {"ce": {}}}
     ({"runs": {"a/b": {}}}, "run name 'a/b' must be letters, digits"),
     ({"base": None}, "run ce has no config, and the sweep has no 'base' config"),
     ({"runs": {"x": {}}, "grid": {"data.root": ["a/b", "a_b"]}}, "two runs are both named x-root=a_b-s0"),
+    ({"grid": {"model.arch": ["resnet18", "resnet99"]}}, "run ce: model.arch: unknown architecture 'resnet99'"),
+    ({"overrides": ["data.dataset=cifar1000"]}, "run ce: data.dataset: unknown dataset 'cifar1000'"),
 ])
-def test_invalid_sweep_is_one_line_and_starts_nothing(tmp_path, capsys, change, message):
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_invalid_sweep_is_one_line_and_starts_nothing(tmp_path, capsys, change, message, dry_run):
     doc = {**GOOD, "out": str(tmp_path / "runs"), **change}
     path = write_sweep(tmp_path / "s.yaml", **{k: v for k, v in doc.items() if v is not None or k != "base"})
-    code, out, err = sweep_cli(capsys, path)
+    code, out, err = sweep_cli(capsys, path, *(["--dry-run"] if dry_run else []))
     assert code == 2 and out == ""
     assert err.startswith(f"error: sweep file {path}: ") and message in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

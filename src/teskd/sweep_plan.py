@@ -38,6 +38,7 @@ import yaml
 from teskd import fileio
 from teskd.config import _short, load_config, parse_override, read_yaml
 from teskd.errors import TeskdError
+from teskd.launch import check_names
 
 SWEEP_KEYS = ("out", "base", "overrides", "seeds", "runs", "grid", "launcher")
 VARIANT_KEYS = ("config", "overrides")
@@ -259,6 +260,7 @@ def _variant_runs(variant: str, config: str, overrides: list[str], grid: dict, s
             full += [f"train.seed={seed}"] if seed is not None else []
             try:
                 cfg = load_config(config, full)
+                check_names(cfg)  # a wrong dataset or arch is refused before --dry-run shows it or a run starts
             except TeskdError as exc:
                 raise fail(f"run {variant}: {exc}") from exc
             name = "-".join([variant, *tags, f"s{cfg.train.seed}"])
