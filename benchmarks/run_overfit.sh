@@ -1,16 +1,38 @@
 #!/bin/bash
 # Issue 21's study (benchmarks/RESULTS.md, "Does TESKD help when the network fits its training set?"): every
-# run of benchmarks/sweeps/overfit_methods.yaml (step 2), two at once (one per core): seed 0 of every method,
-# then step 3's validation search (overfit_search.yaml), then seeds 1 and 2. Resumable: stop it at any time (Ctrl-C / SIGTERM: the runs save) and run it again to continue;
+# run of its sweep files, two at once (one per core), as two lanes of one run each. Lane 1 starts with step
+# 3's validation search (overfit_search.yaml), lane 2 with seeds 1 and 2 of step 2 (overfit_methods.yaml);
+# each then works through the other's list. A lane skips a run that is finished or that the other lane is
+# training (each run folder has a writer lock), so no run is trained twice. Resumable: stop it at any time
+# (Ctrl-C / SIGTERM: the runs save) and run it again to continue;
 # `teskd sweep benchmarks/sweeps/overfit_methods.yaml --status` shows where each run is.
-#   usage: bash benchmarks/run_overfit.sh [jobs]   (default 2)
+#   usage: bash benchmarks/run_overfit.sh [lanes]   (default 2; 1 = one run at a time)
 set -u
 cd "$(dirname "$0")/.."
 export TESKD_DATA=${TESKD_DATA:-$(cd .. && pwd)/shared/data}
 teskd=${TESKD:-teskd}
-jobs=${1:-2}
-step2() { "$teskd" sweep benchmarks/sweeps/overfit_methods.yaml --only "*-s$1" --launcher local --jobs "$jobs"; }
-step2 0 || exit $?
-"$teskd" sweep benchmarks/sweeps/overfit_search.yaml --launcher local --jobs "$jobs" || exit $?
-step2 1 || exit $?
-step2 2 || exit $?
+lanes=${1:-2}
+sweeps=benchmarks/sweeps
+search() { "$teskd" sweep $sweeps/overfit_search.yaml; }
+step2() { "$teskd" sweep $sweeps/overfit_methods.yaml --only "*-s$1"; }
+extra() { "$teskd" sweep $sweeps/overfit_confirm.yaml; }
+
+# One lane: its steps in order; a step whose runs fail does not stop the lane (the failure is in its log).
+# A signal does: the lane's trainer saves, and the lane ends.
+lane() {
+    trap 'exit 143' TERM INT
+    for step in "$@"; do
+        $step
+        code=$?
+        case $code in 0|1|2) ;; *) exit $code ;; esac  # 130 / 143: a signal stopped the sweep
+    done
+}
+
+lane search "step2 1" "step2 2" extra &
+one=$!
+if [ "$lanes" -ge 2 ]; then
+    lane "step2 1" "step2 2" search extra &
+    two=$!
+fi
+trap 'kill -TERM $one ${two:-} 2>/dev/null' TERM INT
+wait

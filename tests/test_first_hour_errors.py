@@ -102,6 +102,23 @@ def test_a_finished_epoch_is_still_named_by_its_number(data, tmp_path, capsys):
     assert out.count("resuming after epoch 1 of 2: checkpoints/last.pt\n") == 1
 
 
+def test_resume_of_a_new_folder_starts_it_and_does_not_call_it_stopped(data, tmp_path, capsys):
+    """A sweep starts every run with --resume: a new folder is said to start, once; only a folder whose run wrote
+    its config.yaml and was killed before its first checkpoint is said to have stopped before its first save."""
+    run = tmp_path / "new"
+    args = ["train", FOLDER_CONFIG, f"data.root={data}", *TINY, "train.epochs=1", "--resume", str(run)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"{run} has no config.yaml yet: starting it from {FOLDER_CONFIG}\n") == 1
+    assert "stopped before its first save" not in out
+    shutil.rmtree(run / "checkpoints")
+    (run / "metrics.jsonl").unlink()
+    (run / "summary.json").unlink()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"no checkpoint in {run} yet (stopped before its first save): starting the run again") == 1
+
+
 def test_resuming_mid_epoch_says_the_epoch_and_batch(mid_run, tmp_path, capsys):
     run = Path(shutil.copytree(mid_run, tmp_path / "run"))
     assert main(["train", "--resume", str(run)]) == 0

@@ -162,10 +162,11 @@ class Trainer:
         """Fresh start or resume, under the lock; the config is written first, so any later kill leaves a
         folder that ``--resume`` accepts. Only the primary rank writes; every rank reads the checkpoint."""
         fresh = not self.resume or not self.rundir.has_checkpoint()
+        started_before = self.rundir.config.exists()  # else a new folder: launch has said where it starts from
         distributed.barrier()  # every rank has decided before the primary changes anything
         if distributed.is_primary():
             self._prepare_folder()
-        if self.resume and fresh:
+        if self.resume and fresh and started_before:
             log.info(f"no checkpoint in {self.run_dir} yet (stopped before its first save): "
                      f"starting the run again from the beginning")
         if not fresh:
