@@ -165,6 +165,9 @@ def test_swapped_predict_arguments_name_the_image_and_the_order(data, capsys):
 @pytest.mark.parametrize("name, content, kind", [
     ("notes.txt", b"hello\n", " (a text file?)"),
     ("photo.jpeg.bak", b"\xff\xd8\xff\xe0" + b"\0" * 20, " (a JPEG image?)"),
+    ("anim.gif", b"GIF89a" + b"\0" * 20, " (a GIF image?)"),
+    ("pic.webp", b"RIFF\x10\0\0\0WEBPVP8 " + b"\0" * 20, " (a WebP image?)"),
+    ("paper.pdf", b"%PDF-1.7\n" + b"\0" * 20, " (a PDF document?)"),
     ("empty", b"", " (an empty file?)"),
     ("blob.dat", bytes(range(200, 240)), ""),
 ])

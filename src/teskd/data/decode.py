@@ -173,19 +173,28 @@ def _webp(data) -> Extent:
     return Extent(width, height)
 
 
+def image_format(head: bytes) -> str | None:
+    """``JPEG``, ``PNG``, ``GIF`` or ``WebP`` when ``head`` (a file's first 16 bytes) starts with that format's
+    magic number, as the decoders recognise it; None for anything else."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG"):
+        return "PNG"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith(b"RIFF") and head[8:15] == b"WEBPVP8":
+        return "WebP"
+    return None
+
+
 def image_extent(data) -> Extent:
     """The size an image file's header declares (``data``: bytes or a buffer); ValueError when the format is not
-    one decoded here, or the header is damaged. The magic numbers are those the decoders recognise."""
+    one decoded here, or the header is damaged."""
     head = bytes(data[:16])
+    measure = {"JPEG": _jpeg, "PNG": _png, "GIF": _gif, "WebP": _webp}.get(image_format(head))
     try:
-        if head.startswith(b"\xff\xd8\xff"):
-            return _jpeg(data)
-        if head.startswith(b"\x89PNG"):
-            return _png(data)
-        if head.startswith((b"GIF87a", b"GIF89a")):
-            return _gif(data)
-        if head.startswith(b"RIFF") and head[8:15] == b"WEBPVP8":
-            return _webp(data)
+        if measure is not None:
+            return measure(data)
     except (_Damaged, struct.error) as exc:
         raise ValueError(f"its {exc.args[0] if isinstance(exc, _Damaged) else 'image'} header is damaged or cut "
                          f"short (no image size found)") from exc

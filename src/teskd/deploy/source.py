@@ -114,8 +114,8 @@ def _folder_contents(folder: Path) -> str:
 # pickle stream); checkpoint suffixes are loaded whatever their content, so a damaged one is called damaged.
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar", ".bin")
 _CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
-_FILE_KINDS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
-               (b"BM", "a BMP image"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+# Besides the images teskd decodes (data.decode.image_format), files a user may pass by mistake:
+_FILE_KINDS = ((b"BM", "a BMP image"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
                (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"))
 
 
@@ -142,9 +142,10 @@ def not_a_model(target: Path) -> str | None:
         return None  # the loader names the reason
     if head.startswith(_CHECKPOINT_MAGIC):
         return None
-    kind = next((k for magic, k in _FILE_KINDS if head.startswith(magic)), None)
-    if kind is None and head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        kind = "a WebP image"
+    from teskd.data.decode import image_format
+
+    image = image_format(head)
+    kind = f"a {image} image" if image else next((k for magic, k in _FILE_KINDS if head.startswith(magic)), None)
     if kind is None and not head:
         kind = "an empty file"
     if kind is None and b"\x00" not in head:
