@@ -1,9 +1,10 @@
 #!/bin/bash
 # Issue 21's study (benchmarks/RESULTS.md, "Does TESKD help when the network fits its training set?"): every
-# run of its sweep files, two at once (one per core), as two lanes of one run each. Lane 1 starts with step
-# 3's validation search (overfit_search.yaml), lane 2 with seeds 1 and 2 of step 2 (overfit_methods.yaml);
-# each then works through the other's list. A lane skips a run that is finished or that the other lane is
-# training (each run folder has a writer lock), so no run is trained twice. Resumable: stop it at any time
+# run of its sweep files, two at once (one per core), as two lanes of one run each. Both lanes work through
+# the same list: step 3's validation search (overfit_search.yaml, first, so that its choice is known early),
+# seeds 1 and 2 of step 2 (overfit_methods.yaml), then the confirmation (overfit_confirm.yaml). A lane skips a
+# run that is finished or that the other lane is training (each run folder has a writer lock), so no run is
+# trained twice. Resumable: stop it at any time
 # (Ctrl-C / SIGTERM: the runs save) and run it again to continue;
 # `teskd sweep benchmarks/sweeps/overfit_methods.yaml --status` shows where each run is.
 #   usage: bash benchmarks/run_overfit.sh [lanes]   (default 2; 1 = one run at a time)
@@ -31,7 +32,8 @@ lane() {
 lane search "step2 1" "step2 2" extra &
 one=$!
 if [ "$lanes" -ge 2 ]; then
-    lane "step2 1" "step2 2" search extra &
+    sleep 5  # lane 1 has locked its first run
+    lane search "step2 1" "step2 2" extra &
     two=$!
 fi
 trap 'kill -TERM $one ${two:-} 2>/dev/null' TERM INT
