@@ -161,16 +161,19 @@ def _draw_deltas(ax, groups: list[Group], labels: list[str], colors: list[str]) 
     (a bar with whiskers); only groups with a finished seed that CE also finished."""
     rows = [(label, color, g.paired_deltas()) for g, label, color in zip(groups, labels, colors)]
     rows = [row for row in rows if row[2]]
+    ends = [0.0]
     for i, (_, color, deltas) in enumerate(rows):
         m, s = mean(deltas), (statistics.stdev(deltas) if len(deltas) > 1 else 0.0)
-        ax.barh(i, m, xerr=s, color=color, alpha=0.35, capsize=3)
+        ends += [m - s, m + s, *deltas]
+        ax.barh(i, m, xerr=s, color=color, alpha=0.35, capsize=3, height=0.6)
         ax.plot(deltas, [i] * len(deltas), "o", color=color, ms=5)
         ax.text(max([m + s, *deltas, 0.0]), i, f"  {m:+.2f}" + (f" \u00b1 {s:.2f}" if len(deltas) > 1 else "")
                 + f" (n={len(deltas)})", va="center", fontsize=8)
     ax.axvline(0.0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)), [label for label, _, _ in rows], fontsize=8)
-    ax.invert_yaxis()
-    ax.margins(x=0.25)
+    span = max(max(ends) - min(ends), 1.0)  # zero always shown, with room for the labels on the right
+    ax.set_xlim(min(ends) - 0.1 * span, max(ends) + 0.45 * span)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_title("(e) \u0394 vs CE, paired by seed: last-epoch test top-1 minus CE's with the same seed and "
                  "settings (dots: seeds; bar: mean \u00b1 sample std)", fontsize=10)
     ax.set_xlabel("\u0394 top-1 (points)")
