@@ -7,7 +7,8 @@ the sweep file), so their validation top-1 is measured on those runs' last check
 in RESULTS/step2_val.json, so the choice can be re-read from committed files).
 
     python benchmarks/overfit_winner.py [--runs runs] [--results benchmarks/results]
-prints the table, then the winning variant's name as the last line; exits 1 while a candidate is unfinished.
+prints the table, then the winning variant's name as the last line (``none`` when no TESKD variant beats CE
+on validation); exits 1 while a candidate is unfinished.
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ def main() -> int:
     teskd = {k: v for k, v in table.items() if k != "ce"}
     winner = max(teskd, key=lambda k: teskd[k]["val_top1"])
     margin = teskd[winner]["val_top1"] - table["ce"]["val_top1"]
-    print(f"winner: {winner}, {margin:+.2f} points of validation top-1 over CE"
+    print(f"best TESKD variant: {winner}, {margin:+.2f} points of validation top-1 over CE"
           + ("" if margin > 0 else ": no TESKD variant beats CE on validation"))
-    print(winner)
+    print(winner if margin > 0 else "none")
     return 0
 
 
