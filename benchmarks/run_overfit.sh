@@ -29,12 +29,17 @@ lane() {
     done
 }
 
-lane search "step2 1" "step2 2" extra &
-one=$!
-if [ "$lanes" -ge 2 ]; then
-    sleep 5  # lane 1 has locked its first run
+# Everything runs from main, which bash has read whole before it starts: editing this file while it runs
+# cannot make the running script read a half-old, half-new line.
+main() {
     lane search "step2 1" "step2 2" extra &
-    two=$!
-fi
-trap 'kill -TERM $one ${two:-} 2>/dev/null' TERM INT
-wait
+    one=$!
+    if [ "$lanes" -ge 2 ]; then
+        sleep 5  # lane 1 has locked its first run
+        lane search "step2 1" "step2 2" extra &
+        two=$!
+    fi
+    trap 'kill -TERM $one ${two:-} 2>/dev/null' TERM INT
+    wait
+}
+main; exit  # one line: read whole before main runs
