@@ -28,8 +28,6 @@ def _default_out(config) -> Path:
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-
-
 def train_run(config=None, overrides: list[str] = (), out=None, resume: bool = False,
               overwrite: bool = False, spelling: Spelling = CLI) -> dict:
     """Train into ``out`` (default ``runs/<config>-<time>``) and return the summary.

@@ -16,7 +16,7 @@ from pathlib import Path
 from teskd import fileio
 from teskd.curves import epoch_axis, line_style, new_figure, plot_text, png_bytes
 from teskd.errors import TeskdError, one_line
-from teskd.report.groups import Group, group_runs, mean
+from teskd.report.groups import Group, group_runs, mean, std
 from teskd.report.runs import evaluated, read_run
 
 DPI = 110
@@ -156,14 +156,18 @@ def _draw_means(fig, grid, groups: list[Group]) -> None:
                     f"({', '.join(key for key, _ in multi)})", "top-1 (%)", lines)
 
 
-def _draw_deltas(ax, groups: list[Group], labels: list[str], colors: list[str]) -> None:
-    """(e): last-epoch top-1 minus the matching CE group's, seed by seed (dots), and their mean +- sample std
-    (a bar with whiskers); only groups with a finished seed that CE also finished."""
+def _paired_rows(groups: list[Group], labels: list[str], colors: list[str]) -> list[tuple[str, str, list[float]]]:
+    """(label, color, per-seed differences from CE) of the groups with a finished seed that CE also finished."""
     rows = [(label, color, g.paired_deltas()) for g, label, color in zip(groups, labels, colors)]
-    rows = [row for row in rows if row[2]]
+    return [row for row in rows if row[2]]
+
+
+def _draw_deltas(ax, rows: list[tuple[str, str, list[float]]]) -> None:
+    """(e): last-epoch top-1 minus the matching CE group's, seed by seed (dots), and their mean +- sample std
+    (a bar with whiskers), one row per :func:`_paired_rows` entry."""
     ends = [0.0]
     for i, (_, color, deltas) in enumerate(rows):
-        m, s = mean(deltas), (statistics.stdev(deltas) if len(deltas) > 1 else 0.0)
+        m, s = mean(deltas), std(deltas) or 0.0
         ends += [m - s, m + s, *deltas]
         ax.barh(i, m, xerr=s, color=color, alpha=0.35, capsize=3, height=0.6)
         ax.plot(deltas, [i] * len(deltas), "o", color=color, ms=5)
@@ -185,15 +189,15 @@ def draw_report(groups: list[Group]):
     labels = [textwrap.fill(plot_text(label), 44, subsequent_indent="    ") for label in group_labels(groups)]
     colors = [f"C{i % 10}" for i in range(len(groups))]
     top = max(4.4, 0.32 * sum(label.count("\n") + 1 for label in labels) + 1.5)
-    paired = [label for g, label in zip(groups, labels) if g.paired_deltas()]
-    bottom = 0.32 * sum(label.count("\n") + 1 for label in paired) + 1.5 if paired else 0.0
+    paired = _paired_rows(groups, labels, colors)
+    bottom = 0.32 * sum(label.count("\n") + 1 for label, _, _ in paired) + 1.5 if paired else 0.0
     fig = new_figure((16.5, top + 4.6 + bottom), dpi=DPI)
     grid = fig.add_gridspec(3 if paired else 2, 2, height_ratios=[top, 4.4] + ([bottom] if paired else []))
     _draw_test(fig.add_subplot(grid[0, 0]), groups, labels, colors)
     _draw_bars(fig.add_subplot(grid[0, 1]), groups, labels, colors)
     _draw_means(fig, grid, groups)
     if paired:
-        _draw_deltas(fig.add_subplot(grid[2, :]), groups, labels, colors)
+        _draw_deltas(fig.add_subplot(grid[2, :]), paired)
     fig.suptitle(LOSS_NOTE, fontsize=7.5, x=0.01, ha="left")
     return fig
 
