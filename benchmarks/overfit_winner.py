@@ -27,21 +27,24 @@ FROM_STEP2 = {"teskd": "teskd", "tce1": "teskd-tce1"}  # candidate -> its identi
 VAL = ["--split", "val", "data.val_per_class=50", "train.threads=1"]
 
 
-def last_record(run: Path) -> dict | None:
-    """The last epoch's record of a finished run (its summary.json exists), else None."""
+def finished(run: Path):
+    """The run as the report reads it (the deployed network under ``.branch`` whatever the run's age), when it
+    has finished; else None."""
+    from teskd.report import read_run
+
     if not (run / "summary.json").is_file():
         return None
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return json.loads(lines[-1])
+    info = read_run(run, [])
+    return None if info.unfinished else info
 
 
 def searched(results: Path, name: str) -> dict | None:
-    rec = last_record(results / "overfit_search" / f"{name}-{TAG}")
-    if rec is None:
+    info = finished(results / "overfit_search" / f"{name}-{TAG}")
+    if info is None:
         return None
-    branch = "deployed" if "deployed" in rec["val_acc"] else "teacher"
-    return {"val_top1": rec["val_acc"][branch], "train_top1": rec["train_acc"][branch],
-            "source": f"overfit_search/{name}-{TAG}, epoch {rec['epoch']}"}
+    last = info.records[-1]
+    return {"val_top1": last["val_acc"][info.branch], "train_top1": info.train_last,
+            "source": f"overfit_search/{name}-{TAG}, epoch {last['epoch']}"}
 
 
 def from_step2(runs: Path, results: Path, name: str) -> dict | None:
@@ -51,13 +54,12 @@ def from_step2(runs: Path, results: Path, name: str) -> dict | None:
     if name in stored:
         return stored[name]
     run = runs / "overfit" / f"{FROM_STEP2[name]}-{TAG}"
-    rec = last_record(results / "overfit" / run.name)
-    if rec is None or not (run / "checkpoints" / "last.pt").is_file():
+    info = finished(results / "overfit" / run.name)
+    if info is None or not (run / "checkpoints" / "last.pt").is_file():
         return None
     command = ["teskd", "eval", str(run), *VAL, "--json"]
     result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-    deployed = "teacher" if "teacher" in result["accuracy"] else "deployed"
-    stored[name] = {"val_top1": result["accuracy"][deployed]["top1"], "train_top1": rec["train_acc"]["teacher"],
+    stored[name] = {"val_top1": result["accuracy"][info.branch]["top1"], "train_top1": info.train_last,
                     "source": f"{shlex.join(command)} (epoch {result['epoch']}, {result['images']} images, "
                               f"{datetime.date.today()})"}
     store.write_text(json.dumps(stored, indent=2) + "\n")

@@ -16,7 +16,7 @@ lanes=${1:-2}
 sweeps=benchmarks/sweeps
 search() { "$teskd" sweep $sweeps/overfit_search.yaml; }
 step2() { "$teskd" sweep $sweeps/overfit_methods.yaml --only "*-s$1"; }
-extra() { "$teskd" sweep $sweeps/overfit_confirm.yaml; }
+confirm() { "$teskd" sweep $sweeps/overfit_confirm.yaml; }
 
 # One lane: its steps in order; a step whose runs fail does not stop the lane (the failure is in its log).
 # A signal does: the lane's trainer saves, and the lane ends.
@@ -32,11 +32,11 @@ lane() {
 # Everything runs from main, which bash has read whole before it starts: editing this file while it runs
 # cannot make the running script read a half-old, half-new line.
 main() {
-    lane search "step2 1" "step2 2" extra &
+    lane search "step2 1" "step2 2" confirm &
     one=$!
     if [ "$lanes" -ge 2 ]; then
         sleep 5  # lane 1 has locked its first run
-        lane search "step2 1" "step2 2" extra &
+        lane search "step2 1" "step2 2" confirm &
         two=$!
     fi
     trap 'kill -TERM $one ${two:-} 2>/dev/null' TERM INT
