@@ -15,10 +15,10 @@ echo "### Step 2: every method, ResNet-18 1/8, 20 images per class, 200 epochs"
 echo
 echo "### CE and TESKD as published: test and training top-1 per epoch"
 "$teskd" report ce-$tag-s* teskd-$tag-s* --format markdown --plot ../overfit_ce_teskd.png
-second=(se-ce-$tag-s* se-teskd-$tag-s*)  # overfit_confirm.yaml (step 3 chose no variant to add)
+second=(se-ce-$tag-s* se-teskd-$tag-s* se-teskd-detach-$tag-s*)  # overfit_confirm.yaml
 if [ ${#second[@]} -gt 0 ]; then
     echo
-    echo "### The second setting: SE-ResNet-18 1/8, CE and TESKD as published"
+    echo "### The second setting: SE-ResNet-18 1/8, CE, TESKD as published, TESKD with the KL detached"
     "$teskd" report "${second[@]}" --format markdown --plot ../overfit_confirm.png
 fi
 echo
