@@ -1,6 +1,7 @@
 #!/bin/bash
 # The tables and figures of RESULTS.md's issue-21 study (the network fits its training set), from the committed
-# run files (benchmarks/results/overfit*/*/{config.yaml,metrics.jsonl,summary.json}); finished seeds only count.
+# run files (benchmarks/results/overfit*/*/{config.yaml,metrics.jsonl,summary.json}, and the held-out evaluations
+# in overfit/heldout_val.json and overfit_search/step2_val.json); finished seeds only count.
 #   usage: bash benchmarks/overfit_tables.sh
 #   (after: teskd sweep benchmarks/sweeps/overfit_methods.yaml --collect benchmarks/results/overfit --no-run,
 #    and the same for overfit_confirm.yaml; overfit_search.yaml collects into benchmarks/results/overfit_search)
@@ -24,3 +25,6 @@ fi
 echo
 echo "### Step 3: the validation search (1 seed; read the validation column of overfit_winner.py, not test)"
 (cd ../../.. && python benchmarks/overfit_winner.py) || true
+echo
+echo "### Every run also on the 5,000 held-out training images (step 3's validation split; no run trains on them)"
+(cd ../../.. && python benchmarks/overfit_heldout.py)

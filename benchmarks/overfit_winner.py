@@ -14,28 +14,15 @@ on validation); exits 1 while a candidate is unfinished.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
-import subprocess
 import sys
 from pathlib import Path
+
+from overfit_heldout import finished, heldout_top1  # the same held-out measurement for every run of the study
 
 TAG = "w0.125-spc20-s0"
 SEARCHED = ("ce", "tce1-detach", "tce1-deepest", "tce1-ramp")  # trained by overfit_search.yaml
 FROM_STEP2 = {"teskd": "teskd", "tce1": "teskd-tce1"}  # candidate -> its identical run of overfit_methods.yaml
-VAL = ["--split", "val", "data.val_per_class=50", "train.threads=1"]
-
-
-def finished(run: Path):
-    """The run as the report reads it (the deployed network under ``.branch`` whatever the run's age), when it
-    has finished; else None."""
-    from teskd.report import read_run
-
-    if not (run / "summary.json").is_file():
-        return None
-    info = read_run(run, [])
-    return None if info.unfinished else info
 
 
 def searched(results: Path, name: str) -> dict | None:
@@ -57,11 +44,7 @@ def from_step2(runs: Path, results: Path, name: str) -> dict | None:
     info = finished(results / "overfit" / run.name)
     if info is None or not (run / "checkpoints" / "last.pt").is_file():
         return None
-    command = ["teskd", "eval", str(run), *VAL, "--json"]
-    result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-    stored[name] = {"val_top1": result["accuracy"][info.branch]["top1"], "train_top1": info.train_last,
-                    "source": f"{shlex.join(command)} (epoch {result['epoch']}, {result['images']} images, "
-                              f"{datetime.date.today()})"}
+    stored[name] = {**heldout_top1(run, info.branch), "train_top1": info.train_last}
     store.write_text(json.dumps(stored, indent=2) + "\n")
     return stored[name]
 
