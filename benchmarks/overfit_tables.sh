@@ -10,6 +10,10 @@ cd "$(dirname "$0")/results/overfit"
 teskd=${TESKD:-teskd}
 shopt -s nullglob
 tag=w0.125-spc20
+echo "### The study's main table: test and held-out top-1, paired with CE per seed (both settings)"
+echo "(held-out: the 5,000 training images of step 3's validation split, which no run trains on)"
+(cd ../../.. && python benchmarks/overfit_heldout.py)
+echo
 echo "### Step 2: every method, ResNet-18 1/8, 20 images per class, 200 epochs"
 "$teskd" report ce-$tag-s* teskd-$tag-s* teskd-tce1-$tag-s* teskd-detach-$tag-s* label_smoothing-$tag-s* \
   pskd-$tag-s* cskd-$tag-s* byot-$tag-s* one-$tag-s* --format markdown --plot ../overfit_methods.png
@@ -25,6 +29,3 @@ fi
 echo
 echo "### Step 3: the validation search (1 seed; read the validation column of overfit_winner.py, not test)"
 (cd ../../.. && python benchmarks/overfit_winner.py) || true
-echo
-echo "### Every run also on the 5,000 held-out training images (step 3's validation split; no run trains on them)"
-(cd ../../.. && python benchmarks/overfit_heldout.py)

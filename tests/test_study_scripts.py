@@ -15,24 +15,27 @@ import overfit_cost  # noqa: E402
 import overfit_heldout  # noqa: E402
 
 
-def _row(variant, seed, ce, val, test):
-    return {"variant": variant, "seed": seed, "ce": ce, "val_top1": val, "test_top1": test}
+def _row(variant, seed, ce, val, test, train=99.0):
+    return {"variant": variant, "seed": seed, "ce": ce, "val_top1": val, "test_top1": test, "train_top1": train}
 
 
 def test_heldout_rows_pair_each_seed_with_its_own_architectures_ce():
     table = {
         "ce-0": _row("ce", 0, "ce", 18.0, 17.0), "ce-1": _row("ce", 1, "ce", 16.0, 16.5),
-        "teskd-0": _row("teskd", 0, "ce", 17.0, 16.0), "teskd-1": _row("teskd", 1, "ce", 16.5, 17.0),
-        "teskd-2": _row("teskd", 2, "ce", 20.0, 20.0),  # no CE of seed 2: in the mean, not paired
+        "teskd-0": _row("teskd", 0, "ce", 17.0, 16.0, 80.0), "teskd-1": _row("teskd", 1, "ce", 16.5, 17.0, 70.0),
+        "teskd-2": _row("teskd", 2, "ce", 20.0, 20.0, 90.0),  # no CE of seed 2: in the mean, not paired
         "se-ce-0": _row("se-ce", 0, "se-ce", 10.0, 11.0),
         "se-teskd-0": _row("se-teskd", 0, "se-ce", 12.5, 10.0),
     }
     rows = {r.split(" | ")[0].lstrip("| "): r for r in overfit_heldout.rows(table)}
-    assert rows["ce"] == "| ce | 0, 1 | 17.00 ± 1.41 | 16.75 ± 0.35 | — | — |"
-    # teskd: mean over its 3 seeds (17.83, sample std of 17, 16.5, 20), Δ of seeds 0 and 1 only
-    assert rows["teskd"] == "| teskd | 0, 1, 2 | 17.83 ± 1.89 | 17.67 ± 2.08 | -1.00 / +0.50 | -1.00 / +0.50 |"
-    assert rows["se-teskd"] == "| se-teskd | 0 | 12.50 | 10.00 | +2.50 | -1.00 |"  # against se-ce, not ce
-    assert rows["se-ce"].endswith("| — | — |")
+    # columns: test top-1, Δ test, held-out top-1, Δ held-out, training top-1
+    assert rows["ce"] == "| ce | 0, 1 | 16.75 ± 0.35 | — | 17.00 ± 1.41 | — | 99.00 ± 0.00 |"
+    # teskd: means over its 3 seeds (test 16, 17, 20: 17.67 ± 2.08), Δ of seeds 0 and 1 only:
+    # test 16 - 17, 17 - 16.5; held-out 17 - 18, 16.5 - 16 (mean -0.25, sample std 1.06)
+    assert rows["teskd"] == ("| teskd | 0, 1, 2 | 17.67 ± 2.08 | -1.00 / +0.50 → -0.25 ± 1.06 | 17.83 ± 1.89 | "
+                             "-1.00 / +0.50 → -0.25 ± 1.06 | 80.00 ± 10.00 |")
+    assert rows["se-teskd"] == "| se-teskd | 0 | 10.00 | -1.00 | 12.50 | +2.50 | 99.00 |"  # against se-ce, not ce
+    assert rows["se-ce"] == "| se-ce | 0 | 11.00 | — | 10.00 | — | 99.00 |"
 
 
 def test_heldout_plan_covers_both_sweeps_with_their_ce(monkeypatch):
@@ -52,6 +55,7 @@ def test_cost_script_benches_each_variant_once_with_its_overrides(monkeypatch):
     assert "method.branch_ce_weights.teacher=5.0" in tce1.overrides and tce1.seed == 0
 
 
-@pytest.mark.parametrize("values,text", [([17.0], "17.00"), ([1.0, 2.0, 3.0], "2.00 ± 1.00")])
-def test_mean_std_text(values, text):
-    assert overfit_heldout._mean_std(values) == text
+@pytest.mark.parametrize("values,sign,text", [([17.0], "", "17.00"), ([1.0, 2.0, 3.0], "", "2.00 ± 1.00"),
+                                             ([0.5, 1.5], "+", "+1.00 ± 0.71"), ([-0.25], "+", "-0.25")])
+def test_mean_std_text(values, sign, text):
+    assert overfit_heldout._mean_std(values, sign) == text
