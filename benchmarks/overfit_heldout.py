@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import shlex
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -81,8 +80,11 @@ def measure(runs: Path, results: Path) -> dict:
 
 
 def _mean_std(values: list[float], sign: str = "") -> str:
-    mean = f"{statistics.mean(values):{sign}.2f}"
-    return f"{mean} ± {statistics.stdev(values):.2f}" if len(values) > 1 else mean
+    """``mean ± sample std`` (the mean alone for one value), by the same rule as `teskd report`'s groups."""
+    from teskd.report.groups import mean, std
+
+    spread = std(values)
+    return f"{mean(values):{sign}.2f}" + ("" if spread is None else f" ± {spread:.2f}")
 
 
 def rows(table: dict) -> list[str]:
