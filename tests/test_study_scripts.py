@@ -38,12 +38,26 @@ def test_heldout_rows_pair_each_seed_with_its_own_architectures_ce():
     assert rows["se-ce"] == "| se-ce | 0 | 11.00 | — | 10.00 | — | 99.00 |"
 
 
+def test_detached_rows_pair_each_seed_with_teskd_as_published():
+    table = {
+        "teskd-0": _row("teskd", 0, "ce", 17.0, 16.0), "teskd-1": _row("teskd", 1, "ce", 16.0, 16.5),
+        "det-0": _row("det", 0, "ce", 18.5, 19.0), "det-1": _row("det", 1, "ce", 15.0, 17.0),
+        "det-2": _row("det", 2, "ce", 30.0, 30.0),  # teskd has no seed 2: not paired
+        "se-det-0": _row("se-det", 0, "se-ce", 12.0, 11.0),  # its reference has no runs: no row
+    }
+    rows = overfit_heldout.pair_rows(table, (("det", "teskd"), ("se-det", "se-teskd")))
+    # test: 19 - 16, 17 - 16.5 (mean 1.75, sample std 1.77); held-out: 18.5 - 17, 15 - 16 (0.25, 1.77)
+    assert rows == ["| det − teskd | +3.00 / +0.50 → +1.75 ± 1.77 | +1.50 / -1.00 → +0.25 ± 1.77 |"]
+
+
 def test_heldout_plan_covers_both_sweeps_with_their_ce(monkeypatch):
     monkeypatch.chdir(REPO)  # the scripts run from the repository root, as their usage lines say
     plan = {name: (variant, seed, ce) for name, variant, seed, ce in overfit_heldout.planned()}
     assert plan["teskd-detach-w0.125-spc20-s2"] == ("teskd-detach", 2, "ce")
     assert plan["se-teskd-detach-w0.125-spc20-s1"] == ("se-teskd-detach", 1, "se-ce")
     assert len(plan) == 9 * 3 + 3 * 3
+    variants = {variant for variant, _, _ in plan.values()}  # the detached pairs name the study's variants
+    assert {name for pair in overfit_heldout.DETACHED for name in pair} <= variants
 
 
 def test_cost_script_benches_each_variant_once_with_its_overrides(monkeypatch):
